@@ -1,0 +1,105 @@
+"""Tiny randomly initialised models of every supported family, and a byte-level tokenizer.
+
+Everything here is built from configs in memory: no network, no weights on disk, seconds to run.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen3Config,
+)
+
+VOCAB = 260  # 256 bytes + 4 specials
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+FAMILY_CONFIGS = {
+    "llama": lambda: LlamaConfig(**COMMON),
+    "qwen2": lambda: Qwen2Config(**COMMON),
+    "qwen3": lambda: Qwen3Config(**COMMON, head_dim=16),
+    "mistral": lambda: MistralConfig(**COMMON),
+    "gemma3": lambda: Gemma3TextConfig(
+        **COMMON, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"] * 2
+    ),
+}
+FAMILIES = list(FAMILY_CONFIGS)
+
+
+def make_tiny_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
+    """A tiny random model of ``family`` in float32 and eval mode."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(FAMILY_CONFIGS[family](), dtype=torch.float32)
+    # Random init leaves near-identical channel statistics; spread them so rankings are meaningful.
+    with torch.no_grad():
+        for layer in model.model.layers:
+            scale = torch.rand(layer.mlp.up_proj.out_features) * 2 + 0.1
+            layer.mlp.up_proj.weight.mul_(scale[:, None])
+    return model.eval()
+
+
+def make_byte_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer (ids 4..259 are bytes) that needs no files."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for byte, char in enumerate(_byte_chars()):
+        vocab[char] = byte + 4
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def _byte_chars() -> list[str]:
+    """The printable stand-in character of each byte, in byte order (GPT-2's byte-level map)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    mapping, extra = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            mapping[byte] = chr(byte)
+        else:
+            mapping[byte] = chr(256 + extra)
+            extra += 1
+    return [mapping[b] for b in range(256)]
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_model(family):
+    return make_tiny_model(family)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return make_byte_tokenizer()
+
+
+@pytest.fixture
+def calib() -> torch.LongTensor:
+    """Eight random windows of 32 tokens."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(4, VOCAB, (8, 32), generator=generator)
