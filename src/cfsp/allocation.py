@@ -1,0 +1,124 @@
+"""From scores to widths: per-block keep fractions, rounding to a multiple, and kept channels.
+
+Three allocation rules: ``cfsp`` (sigmoid of block importance, CFSP.md section 3), ``uniform`` (the
+same fraction everywhere) and ``global`` (Wanda-SP / FLAP: standardise scores per block, one
+threshold over all blocks).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Reference allocation: logits are (I_sum - mean) / 1e4 with I_sum summed over N*L tokens, i.e.
+# temperature N*L/1e4 on per-token means; 13.1072 is the reference default N=128, L=1024.
+DEFAULT_TEMPERATURE = 128 * 1024 / 1e4
+_SHRINK_MARGIN = 1.05
+
+
+def cfsp_keep_fractions(
+    importance: list[float], sparsity: float, temperature: float = DEFAULT_TEMPERATURE
+) -> list[float]:
+    """Fraction of FFN channels each block keeps: ``sigmoid(tau * (I - mean I))``, rescaled to 1 - p.
+
+    If the most important block would keep more than everything, the spread of the sigmoids around
+    their mean is shrunk first (the reference's rule, with its 1.05 margin).
+    """
+    values = torch.tensor(importance, dtype=torch.float64)
+    logits = temperature * (values - values.mean())
+    return _sigmoid_keep(logits, sparsity)
+
+
+def reference_keep_fractions(importance_sums: list[float], sparsity: float) -> list[float]:
+    """The reference's own numerics: importance summed over tokens, logits divided by 1e4."""
+    values = torch.tensor(importance_sums, dtype=torch.float64)
+    logits = (values - values.mean()) / 1e4
+    return _sigmoid_keep(logits, sparsity)
+
+
+def _sigmoid_keep(logits: torch.Tensor, sparsity: float) -> list[float]:
+    s = torch.sigmoid(logits)
+    avg = s.mean()
+    if s.max() / avg * (1 - sparsity) >= 1:
+        k = avg * (1 / (1 - sparsity) - 1) / (s.max() - avg) / _SHRINK_MARGIN
+        s = avg + (s - avg) * k
+        avg = s.mean()
+    return (s / avg * (1 - sparsity)).tolist()
+
+
+def uniform_keep_fractions(num_blocks: int, sparsity: float) -> list[float]:
+    return [1.0 - sparsity] * num_blocks
+
+
+def round_width(width: float, full: int, multiple: int) -> int:
+    """Round a width to the nearest multiple; never 0 (one multiple, or full if smaller), never > full."""
+    rounded = math.floor(width / multiple + 0.5) * multiple
+    return int(min(full, max(rounded, min(multiple, full))))
+
+
+def widths_from_fractions(keep: list[float], full: list[int], multiple: int = 128) -> list[int]:
+    return [round_width(f * d, d, multiple) for f, d in zip(keep, full, strict=True)]
+
+
+def reference_widths(keep: list[float], full: list[int], multiple: int) -> list[int]:
+    """The reference's widths: round-half-up to the multiple, or ``int(D * keep) + 1`` when unrounded.
+
+    A width of 0 means "keep everything" in the reference (see ``reference_kept_channels``).
+    """
+    if multiple > 1:
+        return [math.floor(d * f / multiple + 0.5) * multiple for f, d in zip(keep, full, strict=True)]
+    return [int(d * f) + 1 for f, d in zip(keep, full, strict=True)]
+
+
+def top_channels(scores: torch.Tensor, width: int) -> torch.Tensor:
+    """Indices of the ``width`` highest scores, sorted ascending (exactly ``width`` channels)."""
+    return torch.topk(scores, width, sorted=False).indices.sort().values
+
+
+def reference_kept_channels(scores: torch.Tensor, width: int) -> torch.Tensor:
+    """The reference's selection: threshold at the width-th score with ``>=`` (ties keep more).
+
+    Width 0 keeps every channel, as in the reference.
+    """
+    if width <= 0:
+        return torch.arange(scores.numel())
+    threshold = scores.sort(descending=True).values[min(width, scores.numel()) - 1]
+    return torch.nonzero(scores >= threshold).flatten()
+
+
+def standardise(scores: torch.Tensor) -> torch.Tensor:
+    """``(x - mean) / std`` with torch's unbiased std, so blocks compete on one scale."""
+    return (scores - scores.mean()) / scores.std()
+
+
+def global_widths(block_scores: list[torch.Tensor], sparsity: float, multiple: int = 1) -> list[int]:
+    """Widths from one threshold over the per-block standardised scores of every block.
+
+    Keeps ``round(total * (1 - p))`` channels overall (within one channel of the request), at least
+    one per block; with ``multiple > 1`` each block's count is then rounded to the multiple.
+    """
+    standard = [standardise(s) for s in block_scores]
+    flat = torch.cat(standard)
+    keep_total = max(1, round(flat.numel() * (1 - sparsity)))
+    threshold_index = torch.topk(flat, keep_total).indices
+    owner = torch.repeat_interleave(
+        torch.arange(len(block_scores)), torch.tensor([s.numel() for s in block_scores])
+    )
+    counts = torch.bincount(owner[threshold_index], minlength=len(block_scores)).tolist()
+    full = [s.numel() for s in block_scores]
+    return [round_width(c, d, multiple) for c, d in zip(counts, full, strict=True)]
+
+
+def reference_global_kept(block_scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+    """Wanda-SP / FLAP reference: threshold at sorted index ``int(total * (1 - p))``, keep ``> t``."""
+    standard = [standardise(s) for s in block_scores]
+    flat = torch.cat(standard).sort(descending=True).values
+    threshold = flat[min(int(flat.numel() * (1 - sparsity)), flat.numel() - 1)]
+    return [torch.nonzero(s > threshold).flatten() for s in standard]
+
+
+def reference_uniform_kept(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Magnitude-SP reference: keep scores ``>=`` the ascending-sorted score at ``int(D * p)``."""
+    threshold = scores.sort().values[int(scores.numel() * sparsity)]
+    return torch.nonzero(scores >= threshold).flatten()

@@ -1,0 +1,167 @@
+"""The one block-by-block calibration pass.
+
+Inputs to block 0 are captured once (with everything the model passes to its blocks: attention
+masks, rotary embeddings, position ids, ...), then each block runs once over all windows while only
+its own inputs and outputs are held. Each block leaves behind a ``BlockStats`` of plain tensors and
+sums; nothing here knows about pruning methods.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from cfsp.errors import CfspError
+from cfsp.models import block_mlp, decoder_blocks
+
+
+@dataclass
+class BlockStats:
+    """What one block did to the calibration tokens.
+
+    Block-level sums run over every token; channel-level statistics describe the input of
+    ``down_proj`` (the intermediate activation), per channel, in float64.
+    """
+
+    tokens: int = 0
+    windows: int = 0
+    angular_sum: float = 0.0  # sum of arccos(cos(x_in, x_out)) / pi
+    cosine_sum: float = 0.0  # sum of 1 - cos(x_in, x_out)
+    mse_sum: float = 0.0  # sum over tokens of mean squared change
+    mae_sum: float = 0.0  # sum over tokens of mean absolute change
+    sum_sq: torch.Tensor | None = None  # [D] sum over tokens of x_j^2
+    sum: torch.Tensor | None = None  # [D] sum over tokens of x_j
+    window_sum: list[torch.Tensor] = field(default_factory=list)  # per window: [D] sum of x_j
+    window_sum_sq: list[torch.Tensor] = field(default_factory=list)  # per window: [D] sum of x_j^2
+    window_tokens: list[int] = field(default_factory=list)
+
+    def add_channels(self, act: torch.Tensor) -> None:
+        """Record intermediate activations ``act`` [batch, seq, D]; one window per batch row."""
+        act = act.detach().to(torch.float64)
+        per_window_sum = act.sum(dim=1)
+        per_window_sq = act.pow(2).sum(dim=1)
+        if self.sum is None:
+            self.sum = torch.zeros(act.shape[-1], dtype=torch.float64, device=act.device)
+            self.sum_sq = torch.zeros_like(self.sum)
+        self.sum += per_window_sum.sum(0)
+        self.sum_sq += per_window_sq.sum(0)
+        self.window_sum.extend(per_window_sum.unbind(0))
+        self.window_sum_sq.extend(per_window_sq.unbind(0))
+        self.window_tokens.extend([act.shape[1]] * act.shape[0])
+
+    def add_block_io(self, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
+        """Record how far the block moved each token's hidden state."""
+        a = x_in.detach().to(torch.float64).flatten(0, -2)
+        b = x_out.detach().to(torch.float64).flatten(0, -2)
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).clamp(-1.0, 1.0)
+        angular = torch.arccos(cos) / math.pi
+        angular = torch.nan_to_num(angular, nan=0.5)  # the reference's convention for undefined cosines
+        diff = b - a
+        self.angular_sum += angular.sum().item()
+        self.cosine_sum += torch.nan_to_num(1.0 - cos, nan=1.0).sum().item()
+        self.mse_sum += diff.pow(2).mean(-1).sum().item()
+        self.mae_sum += diff.abs().mean(-1).sum().item()
+        self.tokens += a.shape[0]
+        self.windows += x_in.shape[0]
+
+
+@dataclass
+class CapturedInputs:
+    """Hidden states entering block 0, and the extra arguments every block receives, per batch."""
+
+    hidden: list[torch.Tensor]
+    block_args: list[list[tuple[tuple, dict]]]  # [block][batch] -> (args, kwargs)
+
+
+def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: int) -> CapturedInputs:
+    """Run the model with every block replaced by an identity that records its call.
+
+    Blocks of one model may receive different masks or rotary tables (Gemma-3 alternates sliding and
+    global attention), so each block's own arguments are kept, not only block 0's.
+    """
+    blocks = decoder_blocks(model)
+    hidden: list[torch.Tensor] = []
+    block_args: list[list[tuple[tuple, dict]]] = [[] for _ in blocks]
+
+    def recorder(index: int) -> Callable:
+        def forward(hidden_states, *args, **kwargs):
+            if index == 0:
+                hidden.append(hidden_states.detach())
+            block_args[index].append((args, kwargs))
+            return hidden_states
+
+        return forward
+
+    for index, block in enumerate(blocks):
+        block.forward = recorder(index)
+    device = next(model.parameters()).device
+    try:
+        with torch.inference_mode():
+            for batch in windows.split(batch_size):
+                model.model(input_ids=batch.to(device), use_cache=False)
+    finally:
+        for block in blocks:
+            del block.forward
+    return CapturedInputs(hidden=hidden, block_args=block_args)
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
+    args, kwargs = call
+    out = block(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def calibrate(
+    model: nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 8,
+    after_block: Callable[[int, BlockStats], bool] | None = None,
+    progress: bool = True,
+) -> list[BlockStats]:
+    """One forward pass per block over ``windows`` [N, L]; returns one ``BlockStats`` per block.
+
+    ``after_block(index, stats)`` may modify the block (sequential pruning); if it returns True the
+    block's outputs are recomputed so later blocks see the modified block.
+    """
+    if windows.ndim != 2 or windows.numel() == 0:
+        raise CfspError(
+            f"calibration windows must be a non-empty [n, length] tensor, got {tuple(windows.shape)}"
+        )
+    blocks = decoder_blocks(model)
+    captured = capture_block_inputs(model, windows, batch_size)
+    inputs = captured.hidden
+    all_stats: list[BlockStats] = []
+    bar = tqdm(total=len(blocks), desc="calibrating blocks", unit="block", disable=not progress)
+    with torch.inference_mode():
+        for index, block in enumerate(blocks):
+            stats = BlockStats()
+            hook = block_mlp(block).down_proj.register_forward_pre_hook(
+                lambda _module, args: stats.add_channels(args[0])
+            )
+            try:
+                outputs = [run_block(block, x, captured.block_args[index][i]) for i, x in enumerate(inputs)]
+            finally:
+                hook.remove()
+            for x, y in zip(inputs, outputs, strict=True):
+                _check_finite(y, index)
+                stats.add_block_io(x, y)
+            if after_block is not None and after_block(index, stats):
+                outputs = [run_block(block, x, captured.block_args[index][i]) for i, x in enumerate(inputs)]
+            all_stats.append(stats)
+            inputs = outputs
+            bar.update(1)
+    bar.close()
+    return all_stats
+
+
+def _check_finite(hidden: torch.Tensor, index: int) -> None:
+    if not torch.isfinite(hidden).all():
+        raise CfspError(
+            f"NaN or inf in the activations of block {index}; load the model in float32 or bfloat16 "
+            "(--dtype float32) instead of float16"
+        )

