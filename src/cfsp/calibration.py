@@ -141,7 +141,7 @@ def calibrate(
         for index, block in enumerate(blocks):
             stats = BlockStats()
             hook = block_mlp(block).down_proj.register_forward_pre_hook(
-                lambda _module, args: stats.add_channels(args[0])
+                lambda _module, args, stats=stats: stats.add_channels(args[0])
             )
             try:
                 outputs = [run_block(block, x, captured.block_args[index][i]) for i, x in enumerate(inputs)]
