@@ -173,7 +173,7 @@ def hellaswag_preprocess(text: str) -> str:
 
 
 def hellaswag_process_docs(dataset):
-    """Build ``query``/``choices``/``gold`` from the local schema (``activity_label``, ``ctx``, ``endings``)."""
+    """Build ``query``, ``choices`` and ``gold`` from the local schema (activity_label, ctx, endings)."""
 
     def one(doc: dict) -> dict:
         return {

@@ -75,8 +75,9 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
     if gguf_file:
-        model.config.quantization_config = None  # weights are de-quantized; do not save a GGUF marker
+        # The weights are de-quantized floats: drop the GGUF marker so the model saves like any other.
         model.config.__dict__.pop("quantization_config", None)
+        model.hf_quantizer = None
         model.config.name_or_path = name
     check_supported(model)
     return model.to(device).eval(), tokenizer

@@ -62,11 +62,14 @@ def prune(
     batch_size: int = 8,
     progress: bool = True,
     calibration: dict | None = None,
+    stats: list[BlockStats] | None = None,
 ) -> PruneResult:
     """Prune the FFN channels of ``model`` in place to a global FFN ``sparsity``.
 
     ``channel_metric``, ``allocation`` and ``multiple`` default to the method's own; ``reference``
-    switches every deliberate deviation back to the reference implementation's numerics.
+    switches every deliberate deviation back to the reference implementation's numerics. ``stats``
+    reuses an earlier ``calibrate`` of the same dense model: every method scores dense activations,
+    so one pass can serve several methods and sparsities.
     """
     started = time.perf_counter()
     spec = get_method(method)
@@ -75,16 +78,18 @@ def prune(
     multiple = spec.multiple if multiple is None else int(multiple)
     _validate(sparsity, block_metric, allocation, multiple, temperature)
     check_supported(model)
-    if needs_calibration(channel_metric, allocation) and calib is None:
+    if needs_calibration(channel_metric, allocation) and calib is None and stats is None:
         raise CfspError(f"method {method!r} needs calibration windows (pass calib / --calib-source)")
 
     blocks = decoder_blocks(model)
     original = ffn_widths(model)
     params_before = count_parameters(model)
-    stats: list[BlockStats | None] = [None] * len(blocks)
     importance = None
-    if calib is not None and needs_calibration(channel_metric, allocation):
+    if stats is None and calib is not None and needs_calibration(channel_metric, allocation):
         stats = calibrate(model, calib, batch_size=batch_size, progress=progress)
+    if stats is None:
+        stats = [None] * len(blocks)
+    else:
         importance = block_importance(stats, block_metric)
 
     scores = [
@@ -130,7 +135,7 @@ def prune(
         kept_channels=kept,
         params_before=params_before,
         params_after=count_parameters(model),
-        calibration=calibration if calib is not None else None,
+        calibration=calibration if importance is not None else None,
         seconds=time.perf_counter() - started,
         down_biases=biases,
     )

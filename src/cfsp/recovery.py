@@ -13,9 +13,11 @@ widths differ. The uniform budget is ``U = R * sum_l c_l``. With ``w_l = I_l / s
 1. ideal ranks ``t_l = max(min_rank, s * w_l)``, with the scale ``s`` solved (bisection) so that
    ``sum_l c_l * t_l = U`` exactly: ranks proportional to importance, floored at ``min_rank``;
 2. integer ranks ``r_l = max(min_rank, round(t_l))``;
-3. greedy fix-up: while one step brings ``sum_l c_l * r_l`` strictly closer to ``U``, add 1 to the
-   block furthest below its ideal (when under budget) or take 1 from the block furthest above it
-   (when over), never letting a more important block fall below a less important one;
+3. greedy fix-up, one rank unit at a time and only in steps that bring ``sum_l c_l * r_l`` strictly
+   closer to ``U``: add 1 to the block furthest below its ideal (when under budget) or take 1 from
+   the block furthest above it (when over), never letting a more important block fall below a less
+   important one. This runs until the gap is within 2 % of ``U``, then continues only with steps
+   that leave the moved block within one unit of its ideal (closer budget, ranks still near ideal);
 4. if the gap is still above 2 % of ``U`` (only for very small ``R`` or few blocks), the ideal
    ranks are pulled toward ``R`` (``t <- (1 - a) t + a R``, ``a`` = 0.1, 0.2, ...) and steps 2-3
    repeated; at ``a = 1`` the allocation is uniform and the gap is zero, so this always ends.
@@ -27,6 +29,7 @@ block's larger rank means more capacity, not a larger update scale.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -38,6 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cfsp import models
 from cfsp.data import data_file, read_jsonl
 from cfsp.errors import CfspError
 
@@ -150,6 +154,7 @@ class RecoveryResult:
     resumed_from: str | None = None
     adapter_dir: str | None = None
     config: RecoveryConfig | None = None
+    budget: dict[str, Any] = field(default_factory=dict)  # the record from allocate_ranks / uniform_ranks
 
     def summary(self) -> dict[str, Any]:
         """Everything but the model, JSON-ready, for the pruned directory's metadata."""
@@ -164,6 +169,7 @@ class RecoveryResult:
             "train_loss": self.train_loss,
             "resumed_from": self.resumed_from,
             "adapter_dir": self.adapter_dir,
+            "budget": dict(self.budget),
         }
         if self.config is not None:
             out["config"] = {
@@ -177,11 +183,10 @@ class RecoveryResult:
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The decoder-block list and its module path (``model.layers`` for LLaMA/Qwen/Mistral/Gemma)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.split(".")[-1] == "layers" and len(module) > 0:
-            return name, module
-    raise CfspError(f"{type(model).__name__} has no decoder-block list named 'layers'; unsupported model")
+    """The decoder blocks and their module path (``model.layers``), which peft patterns need."""
+    layers = models.decoder_blocks(model)
+    name = next(name for name, module in model.named_modules() if module is layers)
+    return name, layers
 
 
 def block_targets(block: nn.Module, target_modules: Sequence[str]) -> dict[str, nn.Linear]:
@@ -237,30 +242,42 @@ def _ideal_ranks(weights: Sequence[float], costs: Sequence[int], budget: float, 
 def _round_to_budget(
     ideal: Sequence[float], order: Sequence[float], costs: Sequence[int], budget: int, min_rank: int
 ) -> list[int]:
-    """Integer ranks near ``ideal`` whose cost is as close to ``budget`` as single steps get."""
+    """Integer ranks near ``ideal`` whose cost is within ``BUDGET_TOLERANCE`` of ``budget`` if steps allow.
+
+    Rounded ranks are moved one unit at a time, always toward the budget: first as needed to get
+    within tolerance, then only while the moved block stays within one unit of its ideal.
+    """
     ranks = [max(min_rank, math.floor(t + 0.5)) for t in ideal]
     count = len(ranks)
     gap = lora_param_count(costs, ranks) - budget
-    while gap != 0:
+
+    def best_move(near_ideal: bool) -> int | None:
         step = -1 if gap > 0 else 1
         best, best_key = None, None
         for i in range(count):
             new = ranks[i] + step
             if new < min_rank or abs(gap + step * costs[i]) >= abs(gap):
                 continue
-            # Keep the order: a block must not drop below a less important one, nor rise above a more
-            # important one.
+            if near_ideal and abs(new - ideal[i]) >= 1:
+                continue
+            # Keep the order: no block drops below a less important one or rises above a more important one.
             if step < 0 and any(order[j] < order[i] and ranks[j] > new for j in range(count)):
                 continue
             if step > 0 and any(order[j] > order[i] and ranks[j] < new for j in range(count)):
                 continue
-            key = (ranks[i] - ideal[i]) * -step  # how far above (when removing) / below (adding) its ideal
+            key = (ranks[i] - ideal[i]) * -step  # how far above (removing) / below (adding) its ideal
             if best_key is None or key > best_key:
                 best, best_key = i, key
-        if best is None:
-            break
-        ranks[best] += step
-        gap += step * costs[best]
+        return best
+
+    for near_ideal in (False, True):
+        while gap != 0 and (near_ideal or abs(gap) > BUDGET_TOLERANCE * budget):
+            index = best_move(near_ideal)
+            if index is None:
+                break
+            step = -1 if gap > 0 else 1
+            ranks[index] += step
+            gap += step * costs[index]
     return ranks
 
 
@@ -612,6 +629,19 @@ def resume_checkpoint(output_dir: str | os.PathLike, resume: bool | str | os.Pat
     return str(path)
 
 
+def check_checkpoint_ranks(checkpoint: str | os.PathLike, lora_config) -> None:
+    """Fail with one line when a checkpoint's adapter has other ranks than this run would build."""
+    saved_path = Path(checkpoint) / "adapter_config.json"
+    if not saved_path.is_file():
+        return
+    saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    if saved.get("rank_pattern") != lora_config.rank_pattern or saved.get("r") != lora_config.r:
+        raise CfspError(
+            f"checkpoint {checkpoint} was trained with other LoRA ranks than this run; resume with the same "
+            "rank, allocation and block importances, or start a fresh output directory"
+        )
+
+
 def _start_step_callback():
     """A Trainer callback that records the global step training starts from (> 0 after a resume)."""
     from transformers import TrainerCallback
@@ -631,6 +661,9 @@ def training_arguments(config: RecoveryConfig, output_dir: str | os.PathLike):
     from transformers import TrainingArguments
 
     cuda = torch.cuda.is_available()
+    extra: dict[str, Any] = {}
+    if config.gradient_checkpointing:  # non-reentrant: works with frozen base weights and no input grads
+        extra = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
     return TrainingArguments(
         output_dir=str(output_dir),
         max_steps=config.steps,
@@ -648,11 +681,10 @@ def training_arguments(config: RecoveryConfig, output_dir: str | os.PathLike):
         report_to="none",
         use_cpu=not cuda,
         bf16=config.bf16,
-        gradient_checkpointing=config.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if config.gradient_checkpointing else None,
         remove_unused_columns=False,
         label_names=["labels"],
         dataloader_pin_memory=cuda,
+        **extra,
     )
 
 
@@ -677,15 +709,16 @@ def recover(
     from transformers import Trainer, set_seed
 
     config = config or RecoveryConfig()
-    dataset = (
-        data
-        if isinstance(data, RecoveryDataset)
-        else (load_recovery_data(data, tokenizer, config.seqlen, config.max_samples, data_root))
-    )
+    ranks, budget = plan_ranks(model, block_importance, config)  # cheap checks before tokenizing
+    checkpoint = resume_checkpoint(output_dir, resume)
+    if checkpoint is not None:
+        check_checkpoint_ranks(checkpoint, build_lora_config(model, ranks, config))
+    if isinstance(data, RecoveryDataset):
+        dataset = data
+    else:
+        dataset = load_recovery_data(data, tokenizer, config.seqlen, config.max_samples, data_root)
     if len(dataset) == 0:
         raise CfspError("the recovery data set is empty; give a file with at least one example")
-    ranks, budget = plan_ranks(model, block_importance, config)
-    checkpoint = resume_checkpoint(output_dir, resume)
     set_seed(config.seed)  # LoRA A init and data order are reproducible
     peft_model = attach_lora(model, ranks, config)
     actual = count_trainable(peft_model)
@@ -719,4 +752,5 @@ def recover(
         resumed_from=checkpoint,
         adapter_dir=str(save_adapter) if save_adapter is not None else None,
         config=config,
+        budget=budget,
     )

@@ -1,0 +1,321 @@
+"""Cost of pruning and speed of the pruned model against the dense one (CFSP.md sections 8-9).
+
+Speed is measured with the two models interleaved in one run so that machine noise (other jobs,
+clock changes, thermal state) falls on both alike; the parameter ratio gives the ceiling a
+weight-bound decoder can reach.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import resource
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.table import Table
+
+from cfsp.errors import CfspError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of parameters; tied weights (embedding / LM head) are counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def size_on_disk(path: str | os.PathLike) -> int:
+    """Bytes of the weight files of a saved model: one file, or the weight files in a directory."""
+    target = Path(path).expanduser()
+    if target.is_file():
+        return target.stat().st_size
+    if not target.is_dir():
+        raise CfspError(f"{target} is neither a weight file nor a model directory")
+    files = [f for f in target.rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES)]
+    if not files:
+        raise CfspError(f"no weight files ({', '.join(WEIGHT_SUFFIXES)}) in {target}")
+    return sum(f.stat().st_size for f in files)
+
+
+# --------------------------------------------------------------------------- timing helpers
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock times cover the computation itself."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _cache_argument(model: torch.nn.Module) -> str:
+    """The forward keyword for the KV cache: ``cache`` in recent transformers, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _returned_cache(output) -> Any:
+    cache = output.get("cache")
+    return cache if cache is not None else output.past_key_values
+
+
+@torch.inference_mode()
+def greedy_decode(
+    model: torch.nn.Module, prompt: torch.Tensor, steps: int
+) -> tuple[torch.Tensor, float, float]:
+    """Prefill ``prompt``, then run ``steps`` greedy single-token decode steps on the KV cache.
+
+    Prefill and decode are timed separately. The prefill logits give the first new token, each
+    decode step one more, so the ids returned are (batch, steps + 1): what ``generate`` gives
+    greedily with ``max_new_tokens=steps + 1``.
+    """
+    device = _device(model)
+    prompt = prompt.to(device)
+    cache_arg = _cache_argument(model)
+    _sync(device)
+    start = time.perf_counter()
+    output = model(input_ids=prompt, use_cache=True)
+    token = output.logits[:, -1].argmax(-1, keepdim=True)
+    _sync(device)
+    prefill = time.perf_counter() - start
+    cache, generated = _returned_cache(output), [token]
+    start = time.perf_counter()
+    for _ in range(steps):
+        output = model(input_ids=token, use_cache=True, **{cache_arg: cache})
+        cache = _returned_cache(output)
+        token = output.logits[:, -1].argmax(-1, keepdim=True)
+        generated.append(token)
+    _sync(device)
+    decode = time.perf_counter() - start
+    return torch.cat(generated, dim=1), prefill, decode
+
+
+def _vocab_size(models: list[torch.nn.Module], tokenizer=None) -> int:
+    sizes = [int(m.config.vocab_size) for m in models]
+    if tokenizer is not None:
+        sizes.append(len(tokenizer))
+    return min(sizes)
+
+
+def _check_settings(models, batch_sizes, prompt_lengths, decode_tokens, repeats, warmup) -> None:
+    if decode_tokens < 1:
+        raise CfspError(f"decode_tokens must be >= 1, got {decode_tokens}")
+    if repeats < 1 or warmup < 0:
+        raise CfspError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    if min(batch_sizes) < 1 or min(prompt_lengths) < 1:
+        raise CfspError("batch sizes and prompt lengths must be >= 1")
+    for model in models:
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit and max(prompt_lengths) + decode_tokens + 1 > limit:
+            raise CfspError(
+                f"prompt length {max(prompt_lengths)} + {decode_tokens} decode tokens exceeds the model's "
+                f"{limit} positions; use shorter --prompt-lengths"
+            )
+
+
+def _summary(prefill: list[float], decode: list[float], batch: int, length: int, steps: int) -> dict:
+    prefill_s, decode_s = statistics.median(prefill), statistics.median(decode)
+    return {
+        "prefill_ms": prefill_s * 1e3,
+        "prefill_tokens_per_s": batch * length / prefill_s,
+        "decode_ms_per_token": decode_s * 1e3 / steps,
+        "decode_tokens_per_s": batch * steps / decode_s,
+    }
+
+
+def _setting_row(
+    models: dict[str, torch.nn.Module], prompt: torch.Tensor, steps: int, repeats: int, warmup: int
+) -> dict:
+    """Time every model on one prompt batch, alternating in ABBA order, and summarise the medians."""
+    times: dict[str, dict[str, list[float]]] = {name: {"prefill": [], "decode": []} for name in models}
+    for rep in range(warmup + repeats):
+        for name in list(models) if rep % 2 == 0 else list(reversed(models)):
+            _, prefill, decode = greedy_decode(models[name], prompt, steps)
+            if rep >= warmup:
+                times[name]["prefill"].append(prefill)
+                times[name]["decode"].append(decode)
+    batch, length = prompt.shape
+    row: dict[str, Any] = {"batch_size": batch, "prompt_length": length, "decode_tokens": steps}
+    for name, measured in times.items():
+        row[name] = _summary(measured["prefill"], measured["decode"], batch, length, steps)
+    dense, pruned = row["dense"], row["pruned"]
+    row["prefill_speedup"] = pruned["prefill_tokens_per_s"] / dense["prefill_tokens_per_s"]
+    row["decode_speedup"] = pruned["decode_tokens_per_s"] / dense["decode_tokens_per_s"]
+    return row
+
+
+def speed_benchmark(
+    dense: torch.nn.Module,
+    pruned: torch.nn.Module,
+    tokenizer=None,
+    batch_sizes: tuple[int, ...] = (1, 4),
+    prompt_lengths: tuple[int, ...] = (128, 512),
+    decode_tokens: int = 32,
+    repeats: int = 3,
+    warmup: int = 1,
+    seed: int = 0,
+) -> dict:
+    """Prefill and decode throughput / latency of both models on random prompts, medians of ``repeats``.
+
+    Runs alternate between the models, in ABBA order (the model that goes first flips every
+    repeat), so drift and noise hit both equally. Speed-ups are pruned / dense throughput.
+    ``param_ceiling`` = dense / pruned parameters, the most a weight-bound decoder can gain.
+    """
+    models = {"dense": dense, "pruned": pruned}
+    _check_settings(list(models.values()), batch_sizes, prompt_lengths, decode_tokens, repeats, warmup)
+    vocab = _vocab_size(list(models.values()), tokenizer)
+    generator = torch.Generator().manual_seed(seed)
+    modes = {name: model.training for name, model in models.items()}
+    for model in models.values():
+        model.eval()
+    rows = []
+    try:
+        for batch in batch_sizes:
+            for length in prompt_lengths:
+                prompt = torch.randint(0, vocab, (batch, length), generator=generator)
+                rows.append(_setting_row(models, prompt, decode_tokens, repeats, warmup))
+    finally:
+        for name, model in models.items():
+            model.train(modes[name])
+    dense_params, pruned_params = count_parameters(dense), count_parameters(pruned)
+    device = _device(dense)
+    return {
+        "rows": rows,
+        "dense_params": dense_params,
+        "pruned_params": pruned_params,
+        "param_ceiling": dense_params / pruned_params,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": str(next(dense.parameters()).dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "warmup": warmup,
+        "statistic": "median",
+        "order": "alternating ABBA",
+        "decode": "greedy single-token steps on the KV cache, after the prefill (which yields one token)",
+        "torch_version": torch.__version__,
+    }
+
+
+def format_bench_table(result: dict, title: str = "Speed: pruned vs dense") -> Table:
+    """A table of :func:`speed_benchmark` output; speed-ups above 1 mean the pruned model is faster."""
+    table = Table(
+        title=title,
+        caption=(
+            f"params {result['dense_params']:,} -> {result['pruned_params']:,}; "
+            f"ceiling {result['param_ceiling']:.2f}x; median of {result['repeats']} on {result['device']}"
+        ),
+    )
+    columns = ("batch", "prompt", "prefill tok/s dense", "pruned", "x", "decode tok/s dense", "pruned", "x")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for row in result["rows"]:
+        dense, pruned = row["dense"], row["pruned"]
+        table.add_row(
+            str(row["batch_size"]),
+            str(row["prompt_length"]),
+            f"{dense['prefill_tokens_per_s']:,.0f}",
+            f"{pruned['prefill_tokens_per_s']:,.0f}",
+            f"{row['prefill_speedup']:.2f}",
+            f"{dense['decode_tokens_per_s']:,.1f}",
+            f"{pruned['decode_tokens_per_s']:,.1f}",
+            f"{row['decode_speedup']:.2f}",
+        )
+    return table
+
+
+# --------------------------------------------------------------------------- pruning cost
+
+
+def _rss_bytes() -> int | None:
+    """Current resident set size from /proc (Linux); None elsewhere."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _max_rss_bytes() -> int:
+    """The process's peak RSS so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class _RssSampler:
+    """Polls RSS in a thread, because ru_maxrss only rises past the process's earlier peak."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval, self.peak = interval, _rss_bytes() or 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, _rss_bytes() or 0)
+
+    def __enter__(self) -> _RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes() or 0)
+
+
+def pruning_cost(fn: Callable[..., Any], *args, **kwargs) -> tuple[Any, dict]:
+    """Call ``fn(*args, **kwargs)`` and return its result with its wall time and peak memory.
+
+    ``rss_increase_bytes`` is the peak RSS during the call minus the RSS at its start (sampled
+    every 10 ms, so very short spikes can be missed); ``peak_rss_bytes`` is the process's
+    high-water mark afterwards. On CUDA, ``cuda_peak_bytes`` is ``torch.cuda.max_memory_allocated``.
+    """
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start_rss, start_max = _rss_bytes(), _max_rss_bytes()
+    start = time.perf_counter()
+    with _RssSampler() as sampler:
+        result = fn(*args, **kwargs)
+        if cuda:
+            torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    end_max = _max_rss_bytes()
+    increase = sampler.peak - start_rss if start_rss is not None else end_max - start_max
+    cost = {"seconds": seconds, "peak_rss_bytes": end_max, "rss_increase_bytes": max(0, increase)}
+    if cuda:
+        cost["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated())
+    return result, cost
+
+
+@torch.inference_mode()
+def forward_pass_seconds(model: torch.nn.Module, calib_ids: torch.Tensor, batch_size: int = 1) -> float:
+    """Wall time of one plain forward pass over the calibration windows (n, L), in batches.
+
+    The yardstick for pruning cost: ``prune_seconds / forward_pass_seconds`` says how many
+    forward passes' worth of compute the pruning took.
+    """
+    if calib_ids.dim() != 2 or batch_size < 1:
+        raise CfspError(f"need windows of shape (n, L) and batch_size >= 1, got {tuple(calib_ids.shape)}")
+    device = _device(model)
+    was_training = model.training
+    model.eval()
+    try:
+        _sync(device)
+        start = time.perf_counter()
+        for index in range(0, calib_ids.shape[0], batch_size):
+            model(calib_ids[index : index + batch_size].to(device), use_cache=False)
+        _sync(device)
+        return time.perf_counter() - start
+    finally:
+        model.train(was_training)

@@ -1,0 +1,138 @@
+"""prune() on tiny models of every family: widths, kept channels, methods, reference behaviour."""
+
+import copy
+
+import pytest
+import torch
+from reference_impl import reference_cfsp
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import cfsp
+from cfsp.calibration import calibrate
+from cfsp.methods import METHODS
+from cfsp.models import ffn_widths
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_prunes_every_family(tiny_model, calib, method):
+    x = calib[:2, :16]
+    result = cfsp.prune(tiny_model, calib, 0.5, method=method, progress=False)
+    assert ffn_widths(tiny_model) == result.widths
+    assert [k.numel() for k in result.kept_channels] == result.widths
+    assert all(torch.equal(k, k.sort().values) for k in result.kept_channels)
+    assert abs(result.realised_sparsity - 0.5) < 0.13
+    assert result.params_after < result.params_before
+    with torch.no_grad():
+        assert torch.isfinite(tiny_model(x).logits).all()
+
+
+def test_cfsp_widths_are_multiples_and_follow_importance(calib):
+    from conftest import make_tiny_model
+
+    model = make_tiny_model("llama")
+    result = cfsp.prune(model, calib, 0.5, multiple=32, temperature=200.0, progress=False)
+    assert all(w % 32 == 0 and 32 <= w <= 256 for w in result.widths)
+    order = sorted(range(4), key=lambda i: result.block_importance[i])
+    assert [result.keep_fractions[i] for i in order] == sorted(result.keep_fractions)
+
+
+def test_uniform_allocation_and_global_threshold_totals(calib):
+    from conftest import make_tiny_model
+
+    uniform = cfsp.prune(make_tiny_model("qwen2"), calib, 0.25, allocation="uniform", multiple=1, progress=False)
+    assert uniform.widths == [192] * 4
+    wanda = cfsp.prune(make_tiny_model("qwen2"), calib, 0.3, method="wanda-sp", progress=False)
+    assert abs((1024 - sum(wanda.widths)) - 1024 * 0.3) <= 1
+
+
+def test_kept_channels_match_the_reference_formulas(family, calib):
+    """Same calibration tokens, temperature N*L/1e4: the channels the reference keeps, in every block."""
+    from conftest import make_tiny_model
+
+    n, length = calib.shape
+    ref_keep, ref_widths, ref_kept = reference_cfsp(make_tiny_model(family), calib, 0.5, multiple=32)
+    ours = cfsp.prune(make_tiny_model(family), calib, 0.5, temperature=n * length / 1e4, multiple=32, progress=False)
+    assert ours.keep_fractions == pytest.approx(ref_keep, abs=1e-9)
+    assert ours.widths == ref_widths
+    for mine, theirs in zip(ours.kept_channels, ref_kept, strict=True):
+        assert mine.tolist() == theirs.tolist()
+    exact = cfsp.prune(make_tiny_model(family), calib, 0.5, reference=True, multiple=32, progress=False)
+    assert [k.tolist() for k in exact.kept_channels] == [k.tolist() for k in ref_kept]
+
+
+def test_shared_calibration_gives_the_same_result(calib):
+    from conftest import make_tiny_model
+
+    dense = make_tiny_model("mistral")
+    stats = calibrate(dense, calib, progress=False)
+    reused = cfsp.prune(copy.deepcopy(dense), None, 0.5, stats=stats, progress=False)
+    fresh = cfsp.prune(copy.deepcopy(dense), calib, 0.5, progress=False)
+    assert [k.tolist() for k in reused.kept_channels] == [k.tolist() for k in fresh.kept_channels]
+
+
+def test_flap_bias_compensation_is_exact_for_constant_channels(calib):
+    """Channels whose activation is constant over tokens are removed without changing the output."""
+    config = LlamaConfig(
+        vocab_size=260, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, mlp_bias=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            mlp = layer.mlp
+            constant = torch.arange(0, 256, 2)  # half the channels ignore their input
+            mlp.gate_proj.weight[constant] = 0
+            mlp.up_proj.weight[constant] = 0
+            mlp.gate_proj.bias.normal_()
+            mlp.up_proj.bias.normal_()
+    x = calib[:2]
+    with torch.no_grad():
+        dense = model(x).logits
+    result = cfsp.prune(model, calib, 0.5, method="flap", allocation="uniform", progress=False)
+    assert all(torch.equal(k, torch.arange(1, 256, 2)) for k in result.kept_channels)
+    with torch.no_grad():
+        assert torch.allclose(model(x).logits, dense, atol=1e-4)
+
+
+def test_magnitude_sp_needs_no_calibration(tiny_model):
+    result = cfsp.prune(tiny_model, None, 0.5, method="magnitude-sp", progress=False)
+    assert result.widths == [128] * 4 and result.block_importance is None
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 1.0, -0.2, 1.5])
+def test_sparsity_outside_open_interval_is_refused(tiny_model, calib, sparsity):
+    with pytest.raises(cfsp.CfspError, match="sparsity must be in"):
+        cfsp.prune(tiny_model, calib, sparsity, progress=False)
+
+
+def test_bad_options_are_refused_with_one_line(tiny_model, calib):
+    for kwargs, message in [
+        (dict(method="sparsegpt"), "unknown method"),
+        (dict(block_metric="l7"), "unknown block metric"),
+        (dict(channel_metric="nope"), "unknown channel metric"),
+        (dict(allocation="random"), "unknown allocation"),
+        (dict(multiple=0), "multiple must be"),
+    ]:
+        with pytest.raises(cfsp.CfspError, match=message) as info:
+            cfsp.prune(tiny_model, calib, 0.5, progress=False, **kwargs)
+        assert "\n" not in str(info.value)
+    with pytest.raises(cfsp.CfspError, match="needs calibration"):
+        cfsp.prune(tiny_model, None, 0.5)
+    assert ffn_widths(tiny_model) == [256] * 4  # nothing was pruned by the refused calls
+
+
+def test_nan_activations_are_reported(calib):
+    from conftest import make_tiny_model
+
+    model = make_tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(cfsp.CfspError, match="NaN or inf .* block 1.*float32"):
+        cfsp.prune(model, calib, 0.5, progress=False)
+
+
+def test_unsupported_architecture_is_named(calib):
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=260))
+    with pytest.raises(cfsp.CfspError, match="unsupported architecture 'gpt2'.*gate_proj"):
+        cfsp.prune(gpt2, calib, 0.5)
