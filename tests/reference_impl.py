@@ -13,7 +13,9 @@ import math
 import torch
 
 
-def reference_cfsp(model, windows: torch.Tensor, sparsity: float, multiple: int = 128, b: float = 1, c: float = 1):
+def reference_cfsp(
+    model, windows: torch.Tensor, sparsity: float, multiple: int = 128, b: float = 1, c: float = 1
+):
     """Return (keep fractions, widths, kept channel indices per block) as the reference computes them."""
     layers = model.model.layers
     n_blocks = len(layers)

@@ -13,7 +13,7 @@ def test_temperature_form_equals_reference_scaling():
     for p in (0.2, 0.5, 0.7):
         ours = alloc.cfsp_keep_fractions(means, p, temperature=tokens / 1e4)
         ref = alloc.reference_keep_fractions(sums, p)
-        assert max(abs(a - b) for a, b in zip(ours, ref)) < 1e-12
+        assert max(abs(a - b) for a, b in zip(ours, ref, strict=True)) < 1e-12
         assert abs(sum(ours) / len(ours) - (1 - p)) < 1e-9
 
 

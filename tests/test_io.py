@@ -14,7 +14,9 @@ from cfsp.models import ffn_widths
 
 def _pruned(family, calib, method="cfsp"):
     model = make_tiny_model(family)
-    result = cfsp.prune(model, calib, 0.5, method=method, multiple=32 if method == "cfsp" else None, progress=False)
+    result = cfsp.prune(
+        model, calib, 0.5, method=method, multiple=32 if method == "cfsp" else None, progress=False
+    )
     return model, result
 
 

@@ -39,7 +39,9 @@ def test_cfsp_widths_are_multiples_and_follow_importance(calib):
 def test_uniform_allocation_and_global_threshold_totals(calib):
     from conftest import make_tiny_model
 
-    uniform = cfsp.prune(make_tiny_model("qwen2"), calib, 0.25, allocation="uniform", multiple=1, progress=False)
+    uniform = cfsp.prune(
+        make_tiny_model("qwen2"), calib, 0.25, allocation="uniform", multiple=1, progress=False
+    )
     assert uniform.widths == [192] * 4
     wanda = cfsp.prune(make_tiny_model("qwen2"), calib, 0.3, method="wanda-sp", progress=False)
     assert abs((1024 - sum(wanda.widths)) - 1024 * 0.3) <= 1
@@ -51,7 +53,9 @@ def test_kept_channels_match_the_reference_formulas(family, calib):
 
     n, length = calib.shape
     ref_keep, ref_widths, ref_kept = reference_cfsp(make_tiny_model(family), calib, 0.5, multiple=32)
-    ours = cfsp.prune(make_tiny_model(family), calib, 0.5, temperature=n * length / 1e4, multiple=32, progress=False)
+    ours = cfsp.prune(
+        make_tiny_model(family), calib, 0.5, temperature=n * length / 1e4, multiple=32, progress=False
+    )
     assert ours.keep_fractions == pytest.approx(ref_keep, abs=1e-9)
     assert ours.widths == ref_widths
     for mine, theirs in zip(ours.kept_channels, ref_kept, strict=True):
@@ -73,8 +77,13 @@ def test_shared_calibration_gives_the_same_result(calib):
 def test_flap_bias_compensation_is_exact_for_constant_channels(calib):
     """Channels whose activation is constant over tokens are removed without changing the output."""
     config = LlamaConfig(
-        vocab_size=260, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, mlp_bias=True,
+        vocab_size=260,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mlp_bias=True,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()

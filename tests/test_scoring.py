@@ -54,7 +54,9 @@ def test_wanda_magnitude_and_ria_match_direct_formulas(block):
     down, up, gate = block["down"], block["up"], block["gate"]
     wanda = torch.stack([sum(abs(down[i, j]) * a[j] for i in range(12)) / 12 for j in range(40)])
     assert torch.allclose(channel_scores("wanda_base", _inputs(block)), wanda)
-    mag = torch.tensor([math.sqrt(sum(down[i, j].item() ** 2 for i in range(12))) for j in range(40)]).double()
+    mag = torch.tensor(
+        [math.sqrt(sum(down[i, j].item() ** 2 for i in range(12))) for j in range(40)]
+    ).double()
     assert torch.allclose(channel_scores("mag_base", _inputs(block)), mag)
     ria = torch.zeros(40, dtype=torch.float64)
     for w in (down, up, gate):

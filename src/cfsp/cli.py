@@ -68,25 +68,35 @@ def totals_table(result) -> Table:
 @friendly_errors
 def prune(
     out: Annotated[Path, typer.Option(help="Output directory for the pruned model.")],
-    model: Annotated[str, typer.Option(help="Named default (smollm2, gemma3-270m), HF directory or .gguf.")] = "smollm2",
+    model: Annotated[
+        str, typer.Option(help="Named default (smollm2, gemma3-270m), HF directory or .gguf.")
+    ] = "smollm2",
     sparsity: Annotated[float, typer.Option(help="Fraction of FFN channels to remove, in (0, 1).")] = 0.5,
     method: Annotated[str, typer.Option(help="cfsp, wanda-sp, flap or magnitude-sp.")] = "cfsp",
     calib_source: Annotated[str, typer.Option(help="wikitext2 or a .txt/.jsonl file.")] = "wikitext2",
     nsamples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 128,
     seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 1024,
     seed: Annotated[int, typer.Option(help="Seed of the window sampling.")] = 0,
-    data_dir: Annotated[Path | None, typer.Option(help="Data directory (default: $CFSP_DATA_DIR or ../shared/data).")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Data directory (default: $CFSP_DATA_DIR or ../shared/data).")
+    ] = None,
     block_metric: Annotated[str, typer.Option(help="angular, cosine, mse, mae or uniform.")] = "angular",
     channel_metric: Annotated[str | None, typer.Option(help="Override the method's channel metric.")] = None,
-    allocation: Annotated[str | None, typer.Option(help="Override the allocation: cfsp, uniform or global.")] = None,
+    allocation: Annotated[
+        str | None, typer.Option(help="Override the allocation: cfsp, uniform or global.")
+    ] = None,
     temperature: Annotated[float, typer.Option(help="CFSP allocation temperature.")] = 13.1072,
     b: Annotated[float, typer.Option(help="Activation exponent inside the weight term.")] = 1.0,
     c: Annotated[float, typer.Option(help="Activation exponent of the channel score.")] = 1.0,
     multiple: Annotated[int | None, typer.Option(help="Round widths to this multiple (1 = off).")] = None,
-    reference: Annotated[bool, typer.Option("--reference", help="Use the reference implementation's numerics.")] = False,
+    reference: Annotated[
+        bool, typer.Option("--reference", help="Use the reference implementation's numerics.")
+    ] = False,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
     batch_size: Annotated[int, typer.Option(help="Windows per forward batch during calibration.")] = 8,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")
+    ] = False,
 ) -> None:
     """Prune a model's FFN channels and save a smaller dense model."""
     import cfsp
@@ -125,4 +135,156 @@ def prune(
     console.print(summary_table(result))
     console.print(totals_table(result))
     cfsp.save_pruned(net, tokenizer, result, out, overwrite=overwrite)
+    console.print(f"saved to [bold]{out}[/]")
+
+
+def _csv(value: str, cast=str) -> list:
+    return [cast(v.strip()) for v in value.split(",") if v.strip()]
+
+
+def _write_json(path: Path | None, payload: dict) -> None:
+    if path is None:
+        return
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    console.print(f"wrote [bold]{path}[/]")
+
+
+@app.command("eval")
+@friendly_errors
+def eval_command(
+    model: Annotated[str, typer.Argument(help="Named default, HF directory, pruned directory or .gguf.")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated tasks.")] = (
+        "wikitext2,boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa"
+    ),
+    limit: Annotated[int | None, typer.Option(help="Perplexity windows / examples per task.")] = None,
+    seqlen: Annotated[int, typer.Option(help="Perplexity window length.")] = 1024,
+    batch_size: Annotated[int, typer.Option(help="Batch size.")] = 1,
+    data_dir: Annotated[Path | None, typer.Option(help="Data directory.")] = None,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+    output: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+) -> None:
+    """WikiText-2 perplexity and zero-shot accuracy from the local data files."""
+    import cfsp
+    from cfsp.evaluation import evaluate, format_results_table
+
+    net, tokenizer = cfsp.load_model(model, dtype=dtype)
+    results = evaluate(
+        net,
+        tokenizer,
+        tasks=_csv(tasks),
+        limit=limit,
+        seqlen=seqlen,
+        data_dir=data_dir,
+        batch_size=batch_size,
+    )
+    results["meta"]["model"] = model
+    console.print(format_results_table(results, title=f"Evaluation of {model}"))
+    _write_json(output, results)
+
+
+@app.command()
+@friendly_errors
+def bench(
+    dense: Annotated[str, typer.Argument(help="The dense model (named default, directory or .gguf).")],
+    pruned: Annotated[str, typer.Argument(help="The pruned directory.")],
+    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,4",
+    prompt_lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths.")] = "128,512",
+    decode_tokens: Annotated[int, typer.Option(help="Tokens generated per decode measurement.")] = 32,
+    repeats: Annotated[int, typer.Option(help="Measurements per model and setting (median).")] = 3,
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+    output: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+) -> None:
+    """Prefill / decode throughput of a pruned model against its dense original, side by side."""
+    import cfsp
+    from cfsp.bench import format_bench_table, size_on_disk, speed_benchmark
+
+    dense_model, tokenizer = cfsp.load_model(dense, dtype=dtype)
+    pruned_model, _ = cfsp.load_model(pruned, dtype=dtype)
+    result = speed_benchmark(
+        dense_model,
+        pruned_model,
+        tokenizer,
+        batch_sizes=tuple(_csv(batch_sizes, int)),
+        prompt_lengths=tuple(_csv(prompt_lengths, int)),
+        decode_tokens=decode_tokens,
+        repeats=repeats,
+    )
+    for name, path in (("dense", dense), ("pruned", pruned)):
+        result[f"{name}_disk_bytes"] = size_on_disk(path) if Path(path).is_dir() else None
+    console.print(format_bench_table(result))
+    _write_json(output, result)
+
+
+@app.command()
+@friendly_errors
+def recover(
+    pruned_dir: Annotated[Path, typer.Argument(help="A pruned directory written by `cfsp prune`.")],
+    out: Annotated[Path, typer.Option(help="Where to save the recovered (merged) pruned model.")],
+    data: Annotated[
+        str, typer.Option(help="gpteacher_roleplay, dolly_hhrlhf_small, wikitext2 or a file.")
+    ] = ("dolly_hhrlhf_small"),
+    rank: Annotated[int, typer.Option(help="Uniform LoRA rank R; sets the trainable-parameter budget.")] = 8,
+    allocation: Annotated[str, typer.Option(help="importance (IG-LoRA) or uniform.")] = "importance",
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 200,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 2e-4,
+    batch_size: Annotated[int, typer.Option(help="Examples per step and device.")] = 4,
+    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 4,
+    seqlen: Annotated[int, typer.Option(help="Maximum tokens per example.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    checkpoint_dir: Annotated[
+        Path | None, typer.Option(help="Trainer checkpoints (default: OUT.checkpoints).")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
+    save_adapter: Annotated[Path | None, typer.Option(help="Also save the adapter alone here.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Data directory.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")
+    ] = False,
+) -> None:
+    """Recover a pruned model with importance-guided LoRA (or uniform LoRA), merge and save it."""
+    import cfsp
+    from cfsp.io import check_output_dir
+    from cfsp.recovery import RecoveryConfig
+    from cfsp.recovery import recover as run_recovery
+
+    check_output_dir(out, overwrite)
+    config = RecoveryConfig(
+        rank=rank,
+        allocation=allocation,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        seqlen=seqlen,
+        seed=seed,
+    )
+    plan = cfsp.read_plan(pruned_dir)
+    model, tokenizer = cfsp.load_pruned(pruned_dir)
+    checkpoints = checkpoint_dir or out.with_name(out.name + ".checkpoints")
+    result = run_recovery(
+        model,
+        tokenizer,
+        data,
+        plan.get("block_importance"),
+        config,
+        output_dir=checkpoints,
+        resume=resume,
+        save_adapter=save_adapter,
+        data_root=data_dir,
+    )
+    table = Table(title="LoRA ranks per block")
+    table.add_column("block", justify="right")
+    table.add_column("rank", justify="right")
+    for i, r in enumerate(result.ranks):
+        table.add_row(str(i), str(r))
+    console.print(table)
+    console.print(
+        f"trainable parameters: {result.trainable_params:,} ({allocation}); "
+        f"uniform rank {rank}: {result.uniform_params:,}; final loss {result.final_loss}"
+    )
+    plan["recovery"] = result.summary()
+    cfsp.save_pruned(result.model, tokenizer, plan, out, overwrite=overwrite)
     console.print(f"saved to [bold]{out}[/]")

