@@ -145,3 +145,37 @@ def test_unsupported_architecture_is_named(calib):
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=260))
     with pytest.raises(cfsp.CfspError, match="unsupported architecture 'gpt2'.*gate_proj"):
         cfsp.prune(gpt2, calib, 0.5)
+
+
+def test_sequential_scores_each_block_on_the_pruned_prefix(calib):
+    """Block l's channels are the top-w on activations of a model whose blocks < l are already pruned."""
+    from conftest import make_tiny_model
+
+    from cfsp.allocation import top_channels
+    from cfsp.scoring import ChannelInputs, channel_scores
+    from cfsp.surgery import slice_mlp
+
+    dense = cfsp.prune(make_tiny_model("qwen3"), calib, 0.5, multiple=32, temperature=50.0, progress=False)
+    model = make_tiny_model("qwen3")
+    result = cfsp.prune(model, calib, 0.5, multiple=32, temperature=50.0, sequential=True, progress=False)
+    assert result.widths == dense.widths
+    assert result.kept_channels[0].tolist() == dense.kept_channels[0].tolist()
+
+    expected = make_tiny_model("qwen3")
+    for index, width in enumerate(dense.widths):
+        stats = calibrate(expected, calib, progress=False)[index]
+        mlp = expected.model.layers[index].mlp
+        inputs = ChannelInputs(
+            mlp.down_proj.weight.double(),
+            mlp.up_proj.weight.double().T,
+            mlp.gate_proj.weight.double().T,
+            stats,
+        )
+        kept = top_channels(channel_scores("three_w_one_wa", inputs), width)
+        assert result.kept_channels[index].tolist() == kept.tolist(), index
+        slice_mlp(mlp, kept)
+    with torch.no_grad():
+        assert torch.allclose(model(calib[:2]).logits, expected(calib[:2]).logits, atol=1e-5)
+    assert any(
+        a.tolist() != b.tolist() for a, b in zip(result.kept_channels, dense.kept_channels, strict=True)
+    )

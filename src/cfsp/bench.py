@@ -22,13 +22,9 @@ import torch
 from rich.table import Table
 
 from cfsp.errors import CfspError
+from cfsp.models import count_parameters
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
-
-
-def count_parameters(model: torch.nn.Module) -> int:
-    """Number of parameters; tied weights (embedding / LM head) are counted once."""
-    return sum(p.numel() for p in model.parameters())
 
 
 def size_on_disk(path: str | os.PathLike) -> int:

@@ -89,8 +89,18 @@ def prune(
     b: Annotated[float, typer.Option(help="Activation exponent inside the weight term.")] = 1.0,
     c: Annotated[float, typer.Option(help="Activation exponent of the channel score.")] = 1.0,
     multiple: Annotated[int | None, typer.Option(help="Round widths to this multiple (1 = off).")] = None,
+    bias_compensation: Annotated[
+        bool | None,
+        typer.Option(
+            "--bias-compensation/--no-bias-compensation",
+            help="Add the pruned channels' mean output to down_proj's bias (FLAP's default).",
+        ),
+    ] = None,
     reference: Annotated[
         bool, typer.Option("--reference", help="Use the reference implementation's numerics.")
+    ] = False,
+    sequential: Annotated[
+        bool, typer.Option("--sequential", help="Score each block on the already-pruned blocks' outputs.")
     ] = False,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
     batch_size: Annotated[int, typer.Option(help="Windows per forward batch during calibration.")] = 8,
@@ -111,7 +121,8 @@ def prune(
     console.print(f"loading [bold]{model}[/] ...")
     net, tokenizer = cfsp.load_model(model, dtype=dtype)
     calib = calibration = None
-    if needs_calibration(channel_metric or spec.channel_metric, allocation or spec.allocation):
+    compensate = spec.bias_compensation if bias_compensation is None else bias_compensation
+    if compensate or needs_calibration(channel_metric or spec.channel_metric, allocation or spec.allocation):
         calib = cfsp.calibration_windows(
             tokenizer, source=calib_source, n=nsamples, length=seqlen, seed=seed, data_dir=data_dir
         )
@@ -128,7 +139,9 @@ def prune(
         b=b,
         c=c,
         multiple=multiple,
+        bias_compensation=bias_compensation,
         reference=reference,
+        sequential=sequential,
         batch_size=batch_size,
         calibration=calibration,
     )

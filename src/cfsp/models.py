@@ -125,5 +125,5 @@ def ffn_widths(model: nn.Module) -> list[int]:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    """Number of parameters; ``parameters()`` yields tied weights (embedding / LM head) once."""
+    return sum(p.numel() for p in model.parameters())

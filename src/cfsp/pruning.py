@@ -14,7 +14,7 @@ from cfsp.errors import CfspError
 from cfsp.methods import ALLOCATIONS, get_method, needs_calibration
 from cfsp.models import block_mlp, check_supported, count_parameters, decoder_blocks, ffn_widths
 from cfsp.scoring import BLOCK_METRICS, ChannelInputs, block_importance, channel_scores
-from cfsp.surgery import apply_pruning
+from cfsp.surgery import apply_pruning, set_config_widths, slice_mlp
 
 
 @dataclass
@@ -58,7 +58,9 @@ def prune(
     b: float = 1.0,
     c: float = 1.0,
     multiple: int | None = None,
+    bias_compensation: bool | None = None,
     reference: bool = False,
+    sequential: bool = False,
     batch_size: int = 8,
     progress: bool = True,
     calibration: dict | None = None,
@@ -66,26 +68,35 @@ def prune(
 ) -> PruneResult:
     """Prune the FFN channels of ``model`` in place to a global FFN ``sparsity``.
 
-    ``channel_metric``, ``allocation`` and ``multiple`` default to the method's own; ``reference``
+    ``channel_metric``, ``allocation``, ``multiple`` and ``bias_compensation`` (FLAP's mean
+    compensation in down_proj's bias) default to the method's own; ``reference``
     switches every deliberate deviation back to the reference implementation's numerics. ``stats``
     reuses an earlier ``calibrate`` of the same dense model: every method scores dense activations,
-    so one pass can serve several methods and sparsities.
+    so one pass can serve several methods and sparsities. ``sequential`` re-chooses each block's
+    channels on the activations of the already-pruned blocks before it (a second pass).
     """
     started = time.perf_counter()
     spec = get_method(method)
     channel_metric = channel_metric or spec.channel_metric
     allocation = allocation or spec.allocation
     multiple = spec.multiple if multiple is None else int(multiple)
+    if bias_compensation is None:
+        bias_compensation = spec.bias_compensation
     _validate(sparsity, block_metric, allocation, multiple, temperature)
+    if sequential and (reference or calib is None):
+        raise CfspError(
+            "sequential pruning needs calibration windows and cannot be combined with --reference"
+        )
     check_supported(model)
-    if needs_calibration(channel_metric, allocation) and calib is None and stats is None:
+    wants_stats = needs_calibration(channel_metric, allocation) or bias_compensation
+    if wants_stats and calib is None and stats is None:
         raise CfspError(f"method {method!r} needs calibration windows (pass calib / --calib-source)")
 
     blocks = decoder_blocks(model)
     original = ffn_widths(model)
     params_before = count_parameters(model)
     importance = None
-    if stats is None and calib is not None and needs_calibration(channel_metric, allocation):
+    if stats is None and calib is not None and wants_stats:
         stats = calibrate(model, calib, batch_size=batch_size, progress=progress)
     if stats is None:
         stats = [None] * len(blocks)
@@ -93,25 +104,24 @@ def prune(
         importance = block_importance(stats, block_metric)
 
     scores = [
-        channel_scores(
-            channel_metric,
-            ChannelInputs(
-                down=block_mlp(blk).down_proj.weight.detach().double(),
-                up=block_mlp(blk).up_proj.weight.detach().double().T,
-                gate=block_mlp(blk).gate_proj.weight.detach().double().T,
-                stats=s,
-                b=b,
-                c=c,
-                reference=reference,
-            ),
-        ).cpu()
+        _block_scores(block_mlp(blk), s, channel_metric, b, c, reference)
         for blk, s in zip(blocks, stats, strict=True)
     ]
     keep, kept = _allocate(allocation, scores, importance, stats, sparsity, temperature, multiple, reference)
     kept = [k if k.numel() else s.argmax().view(1) for k, s in zip(kept, scores, strict=True)]
 
-    biases = _compensation_biases(blocks, kept, stats) if spec.bias_compensation else None
-    apply_pruning(model, kept, biases)
+    if sequential:
+        kept, biases = _sequential(
+            model, calib, kept, channel_metric, b, c, bias_compensation, batch_size, progress
+        )
+    else:
+        biases = None
+        if bias_compensation:
+            biases = [
+                _compensation_bias(block_mlp(blk), k, s)
+                for blk, k, s in zip(blocks, kept, stats, strict=True)
+            ]
+        apply_pruning(model, kept, biases)
     widths = [int(k.numel()) for k in kept]
     options = dict(
         block_metric=block_metric,
@@ -121,7 +131,9 @@ def prune(
         b=b,
         c=c,
         multiple=multiple,
+        bias_compensation=bias_compensation,
         reference=reference,
+        sequential=sequential,
     )
     return PruneResult(
         method=method,
@@ -191,15 +203,62 @@ def _allocate(
     return keep, [alloc.top_channels(s, w) for s, w in zip(scores, widths, strict=True)]
 
 
-def _compensation_biases(
-    blocks: nn.ModuleList, kept: list[torch.Tensor], stats: list[BlockStats | None]
-) -> list[torch.Tensor]:
+def _block_scores(
+    mlp: nn.Module, stats: BlockStats | None, metric: str, b: float, c: float, reference: bool
+) -> torch.Tensor:
+    """Channel scores of one block's MLP from its recorded statistics."""
+    inputs = ChannelInputs(
+        down=mlp.down_proj.weight.detach().double(),
+        up=mlp.up_proj.weight.detach().double().T,
+        gate=mlp.gate_proj.weight.detach().double().T,
+        stats=stats,
+        b=b,
+        c=c,
+        reference=reference,
+    )
+    return channel_scores(metric, inputs).cpu()
+
+
+def _compensation_bias(mlp: nn.Module, kept: torch.Tensor, stats: BlockStats) -> torch.Tensor:
     """FLAP: ``W_down[:, pruned] @ mean[pruned]`` keeps the pruned channels' average contribution."""
-    biases = []
-    for block, keep, s in zip(blocks, kept, stats, strict=True):
-        down = block_mlp(block).down_proj.weight.detach().double()
-        mean = (s.sum / s.tokens).to(down.device)
-        pruned = torch.ones(down.shape[1], dtype=torch.bool, device=down.device)
-        pruned[keep.to(down.device)] = False
-        biases.append(down[:, pruned] @ mean[pruned])
-    return biases
+    down = mlp.down_proj.weight.detach().double()
+    mean = (stats.sum / stats.tokens).to(down.device)
+    pruned = torch.ones(down.shape[1], dtype=torch.bool, device=down.device)
+    pruned[kept.to(down.device)] = False
+    return down[:, pruned] @ mean[pruned]
+
+
+def _sequential(
+    model: nn.Module,
+    calib: torch.Tensor,
+    decided: list[torch.Tensor],
+    metric: str,
+    b: float,
+    c: float,
+    bias_compensation: bool,
+    batch_size: int,
+    progress: bool,
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+    """Re-choose each block's channels on the activations of the already-pruned blocks before it.
+
+    Widths stay as decided from the dense pass (allocation needs every block's importance first);
+    only which channels fill them, and the compensation bias, follow the pruned model's own
+    activations, so later blocks adapt to the error the earlier ones introduced.
+    """
+    widths = [k.numel() for k in decided]
+    with_bias = bias_compensation or bool(getattr(model.config, "mlp_bias", False))
+    kept: list[torch.Tensor] = list(decided)
+    biases: list[torch.Tensor] | None = [] if bias_compensation else None
+
+    def prune_block(index: int, stats: BlockStats) -> bool:
+        mlp = block_mlp(decoder_blocks(model)[index])
+        kept[index] = alloc.top_channels(_block_scores(mlp, stats, metric, b, c, False), widths[index])
+        bias = _compensation_bias(mlp, kept[index], stats) if bias_compensation else None
+        if biases is not None:
+            biases.append(bias)
+        slice_mlp(mlp, kept[index], bias, with_bias=with_bias)
+        return True
+
+    calibrate(model, calib, batch_size=batch_size, after_block=prune_block, progress=progress)
+    set_config_widths(model.config, widths, with_bias)
+    return kept, biases

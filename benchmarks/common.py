@@ -1,0 +1,70 @@
+"""Shared pieces of the benchmark scripts: one dense model, one calibration pass, many variants."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import cfsp
+from cfsp.bench import forward_pass_seconds, pruning_cost
+from cfsp.calibration import calibrate
+from cfsp.evaluation import perplexity
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class DenseSetup:
+    """A dense model with its calibration windows and their statistics, computed once."""
+
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    calib: torch.Tensor
+    stats: list
+    calib_seconds: float
+    calib_peak_mb: float
+    forward_seconds: float
+
+
+def prepare(name: str, nsamples: int, seqlen: int, seed: int = 0) -> DenseSetup:
+    """Load ``name``, draw WikiText-2 validation windows, run the one calibration pass and time it."""
+    model, tokenizer = cfsp.load_model(name)
+    calib = cfsp.calibration_windows(tokenizer, n=nsamples, length=seqlen, seed=seed)
+    forward = forward_pass_seconds(model, calib, batch_size=8)
+    stats, cost = pruning_cost(calibrate, model, calib, 8, None, False)
+    return DenseSetup(
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        calib=calib,
+        stats=stats,
+        calib_seconds=cost["seconds"],
+        calib_peak_mb=cost["peak_rss_bytes"] / 2**20,
+        forward_seconds=forward,
+    )
+
+
+def pruned_variant(setup: DenseSetup, sparsity: float, **options) -> tuple[torch.nn.Module, cfsp.PruneResult]:
+    """A pruned copy of the dense model, reusing the shared calibration statistics."""
+    model = copy.deepcopy(setup.model)
+    result = cfsp.prune(model, setup.calib, sparsity, stats=setup.stats, progress=False, **options)
+    return model, result
+
+
+def wikitext_ppl(model, tokenizer, windows: int, seqlen: int) -> float:
+    return perplexity(model, tokenizer, seqlen=seqlen, limit=windows)["ppl"]
+
+
+def write_json(path: Path, payload) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def stamp() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
