@@ -3,40 +3,46 @@
 import copy
 
 import pytest
+import reference_impl
 import torch
-from reference_impl import reference_cfsp
 
 import cfsp
+from cfsp.calibration import calibrate
 from cfsp.evaluation import perplexity
 
 pytestmark = pytest.mark.integration
+N, LENGTH = 8, 256
 
 
 @pytest.fixture(scope="module")
 def smollm2():
     try:
-        return cfsp.load_model("smollm2")
+        model, tokenizer = cfsp.load_model("smollm2")
     except cfsp.CfspError as exc:  # the model package is installed by `make test`
         pytest.skip(str(exc))
+    calib = cfsp.calibration_windows(tokenizer, n=N, length=LENGTH, seed=0)
+    return (
+        model,
+        tokenizer,
+        calib,
+        calibrate(model, calib, progress=False),
+        reference_impl.collect(model, calib),
+    )
 
 
-def test_smollm2_prune_save_reload_and_reference_match(smollm2, tmp_path):
-    dense, tokenizer = smollm2
+def _same(ours, theirs) -> list[int]:
+    """Blocks whose kept channels differ."""
+    return [i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a.tolist() != b.tolist()]
+
+
+def test_cfsp_matches_reference_saves_reloads_and_keeps_quality(smollm2, tmp_path):
+    dense, tokenizer, calib, stats, ref_stats = smollm2
+    ref_keep, ref_widths, ref_kept = reference_impl.cfsp(dense, ref_stats, 0.5, multiple=128)
     model = copy.deepcopy(dense)
-    n, length = 8, 256
-    calib = cfsp.calibration_windows(tokenizer, n=n, length=length, seed=0)
-    dense_ppl = perplexity(dense, tokenizer, seqlen=256, limit=4)["ppl"]
-
-    ref_keep, ref_widths, ref_kept = reference_cfsp(dense, calib, 0.5, multiple=128)
-    result = cfsp.prune(model, calib, 0.5, temperature=n * length / 1e4, progress=False)
+    result = cfsp.prune(model, calib, 0.5, temperature=N * LENGTH / 1e4, progress=False)
     assert result.keep_fractions == pytest.approx(ref_keep, abs=1e-6)  # float32 sums vs our float64
     assert result.widths == ref_widths
-    mismatched = [
-        i
-        for i, (a, b) in enumerate(zip(result.kept_channels, ref_kept, strict=True))
-        if a.tolist() != b.tolist()
-    ]
-    assert mismatched == [], f"blocks whose kept channels differ from the reference: {mismatched}"
+    assert _same(result.kept_channels, ref_kept) == []
 
     assert len(result.widths) == 30 and all(w % 128 == 0 for w in result.widths)
     assert abs(result.realised_sparsity - 0.5) < 0.05
@@ -48,6 +54,27 @@ def test_smollm2_prune_save_reload_and_reference_match(smollm2, tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded(x).logits, model(x).logits)
 
+    dense_ppl = perplexity(dense, tokenizer, seqlen=256, limit=4)["ppl"]
     pruned_ppl = perplexity(reloaded, tokenizer, seqlen=256, limit=4)["ppl"]
     assert torch.isfinite(torch.tensor(pruned_ppl))
     assert dense_ppl < pruned_ppl
+
+
+@pytest.mark.parametrize("method", ["wanda-sp", "flap", "magnitude-sp"])
+def test_baselines_match_reference_and_reload(smollm2, tmp_path, method):
+    dense, tokenizer, calib, stats, ref_stats = smollm2
+    expected = {
+        "wanda-sp": lambda: reference_impl.wanda_sp(dense, ref_stats, 0.5),
+        "flap": lambda: reference_impl.flap(dense, ref_stats, 0.5)[0],
+        "magnitude-sp": lambda: reference_impl.magnitude_sp(dense, 0.5),
+    }[method]()
+    model = copy.deepcopy(dense)
+    result = cfsp.prune(model, calib, 0.5, method=method, reference=True, stats=stats, progress=False)
+    assert _same(result.kept_channels, expected) == []
+    assert abs(result.realised_sparsity - 0.5) < 0.01
+
+    out = cfsp.save_pruned(model, tokenizer, result, tmp_path / method)
+    reloaded, _ = cfsp.load_pruned(out)
+    x = calib[:2, :64]
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, model(x).logits)

@@ -3,8 +3,8 @@
 import copy
 
 import pytest
+import reference_impl
 import torch
-from reference_impl import reference_cfsp
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import cfsp
@@ -52,7 +52,10 @@ def test_kept_channels_match_the_reference_formulas(family, calib):
     from conftest import make_tiny_model
 
     n, length = calib.shape
-    ref_keep, ref_widths, ref_kept = reference_cfsp(make_tiny_model(family), calib, 0.5, multiple=32)
+    dense = make_tiny_model(family)
+    ref_keep, ref_widths, ref_kept = reference_impl.cfsp(
+        dense, reference_impl.collect(dense, calib), 0.5, multiple=32
+    )
     ours = cfsp.prune(
         make_tiny_model(family), calib, 0.5, temperature=n * length / 1e4, multiple=32, progress=False
     )
@@ -179,3 +182,23 @@ def test_sequential_scores_each_block_on_the_pruned_prefix(calib):
     assert any(
         a.tolist() != b.tolist() for a, b in zip(result.kept_channels, dense.kept_channels, strict=True)
     )
+
+
+def test_baselines_in_reference_mode_match_the_reference_formulas(family, calib):
+    from conftest import make_tiny_model
+
+    dense = make_tiny_model(family)
+    stats = reference_impl.collect(dense, calib)
+    expected = {
+        "wanda-sp": reference_impl.wanda_sp(dense, stats, 0.4),
+        "flap": reference_impl.flap(dense, stats, 0.4)[0],
+        "magnitude-sp": reference_impl.magnitude_sp(dense, 0.4),
+    }
+    for method, kept in expected.items():
+        result = cfsp.prune(
+            make_tiny_model(family), calib, 0.4, method=method, reference=True, progress=False
+        )
+        assert [k.tolist() for k in result.kept_channels] == [k.tolist() for k in kept], method
+    flap = cfsp.prune(make_tiny_model(family), calib, 0.4, method="flap", reference=True, progress=False)
+    for ours, theirs in zip(flap.down_biases, reference_impl.flap(dense, stats, 0.4)[1], strict=True):
+        assert torch.allclose(ours.float(), theirs, rtol=1e-4, atol=1e-5)
