@@ -32,6 +32,15 @@ class DenseSetup:
     forward_seconds: float
 
 
+def add_protocol_arguments(parser) -> None:
+    """Calibration and evaluation sizes, shared so that every script measures on the same subsets."""
+    parser.add_argument("--nsamples", type=int, default=32, help="calibration windows")
+    parser.add_argument("--seqlen", type=int, default=512, help="calibration window length")
+    parser.add_argument("--ppl-windows", type=int, default=8, help="WikiText-2 test windows")
+    parser.add_argument("--ppl-seqlen", type=int, default=512, help="WikiText-2 window length")
+    parser.add_argument("--limit", type=int, default=20, help="examples per zero-shot task (first N)")
+
+
 def prepare(name: str, nsamples: int, seqlen: int, seed: int = 0) -> DenseSetup:
     """Load ``name``, draw WikiText-2 validation windows, run the one calibration pass and time it."""
     model, tokenizer = cfsp.load_model(name)
@@ -58,7 +67,7 @@ def pruned_variant(setup: DenseSetup, sparsity: float, **options) -> tuple[torch
 
 
 def wikitext_ppl(model, tokenizer, windows: int, seqlen: int) -> float:
-    return perplexity(model, tokenizer, seqlen=seqlen, limit=windows)["ppl"]
+    return perplexity(model, tokenizer, seqlen=seqlen, limit=windows, batch_size=4)["ppl"]
 
 
 def write_json(path: Path, payload) -> None:

@@ -14,7 +14,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from common import RESULTS, prepare, pruned_variant, stamp, wikitext_ppl, write_json  # noqa: E402
+from common import RESULTS, add_protocol_arguments, prepare, pruned_variant, stamp, wikitext_ppl, write_json  # noqa: E402
 
 from cfsp.bench import speed_benchmark  # noqa: E402
 from cfsp.evaluation import HEADLINE_METRIC, evaluate  # noqa: E402
@@ -35,7 +35,7 @@ METHODS: dict[str, dict] = {
 
 
 def zero_shot_scores(model, tokenizer, limit: int) -> tuple[dict, float]:
-    evaluation = evaluate(model, tokenizer, tasks=ZERO_SHOT, limit=limit)
+    evaluation = evaluate(model, tokenizer, tasks=ZERO_SHOT, limit=limit, batch_size=8)
     scores = {
         task: evaluation["results"][task][HEADLINE_METRIC[task]]
         for task in ZERO_SHOT
@@ -188,13 +188,7 @@ def plot(name: str, rows: list[dict], cfsp_results: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", action="append", required=True)
-    parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--ppl-windows", type=int, default=8)
-    parser.add_argument("--ppl-seqlen", type=int, default=512)
-    parser.add_argument(
-        "--limit", type=int, default=20, help="examples per zero-shot task (the same for every method)"
-    )
+    add_protocol_arguments(parser)
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.5])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     args = parser.parse_args()

@@ -11,7 +11,7 @@ import argparse
 import copy
 import tempfile
 
-from common import RESULTS, prepare, pruned_variant, stamp, wikitext_ppl, write_json
+from common import RESULTS, add_protocol_arguments, prepare, pruned_variant, stamp, wikitext_ppl, write_json
 from methods import zero_shot_scores
 
 from cfsp.recovery import RecoveryConfig, recover
@@ -21,11 +21,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--sparsity", type=float, default=0.5)
-    parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--ppl-windows", type=int, default=8)
-    parser.add_argument("--ppl-seqlen", type=int, default=512)
-    parser.add_argument("--limit", type=int, default=20)
+    add_protocol_arguments(parser)
     parser.add_argument(
         "--data", default="wikitext2", help="recovery data (wikitext2 = the validation split)"
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import RESULTS, prepare, pruned_variant, stamp, wikitext_ppl, write_json
+from common import RESULTS, add_protocol_arguments, prepare, pruned_variant, stamp, wikitext_ppl, write_json
 
 # name -> prune() options on top of method="cfsp". "reference-config" is the bar to beat: the
 # reference's channel metric and temperature (13.1072, its 128x1024 default).
@@ -25,18 +25,21 @@ CANDIDATES: dict[str, dict] = {
     "ria+bias": dict(channel_metric="ria", bias_compensation=True),
     "flap-score+bias": dict(channel_metric="flap", bias_compensation=True),
     "wanda-score+bias": dict(channel_metric="wanda_base", bias_compensation=True),
+    "flap-score+bias+t5": dict(channel_metric="flap", bias_compensation=True, temperature=5.0),
+    "wanda-score+bias+t5": dict(channel_metric="wanda_base", bias_compensation=True, temperature=5.0),
+    "ria+bias+t5": dict(channel_metric="ria", bias_compensation=True, temperature=5.0),
+    "bias+sequential": dict(bias_compensation=True, sequential=True),
+    "flap-score+bias+sequential": dict(channel_metric="flap", bias_compensation=True, sequential=True),
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", action="append", required=True)
-    parser.add_argument("--nsamples", type=int, default=32)
-    parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--ppl-windows", type=int, default=8)
-    parser.add_argument("--ppl-seqlen", type=int, default=512)
+    add_protocol_arguments(parser)
     parser.add_argument("--sparsity", type=float, action="append")
     parser.add_argument("--only", help="comma-separated candidate names")
+    parser.add_argument("--tag", help="suffix of the result files, to keep several searches apart")
     args = parser.parse_args()
     sparsities = args.sparsity or [0.2, 0.5]
     names = args.only.split(",") if args.only else list(CANDIDATES)
@@ -69,7 +72,8 @@ def main() -> None:
             ppl=dict(split="wikitext2 test", windows=args.ppl_windows, seqlen=args.ppl_seqlen),
             rows=rows,
         )
-        write_json(RESULTS / f"defaults_{model_name}.json", payload)
+        suffix = f"_{args.tag}" if args.tag else ""
+        write_json(RESULTS / f"defaults_{model_name}{suffix}.json", payload)
         lines = [
             f"# Candidate defaults on {model_name}",
             "",
@@ -80,7 +84,7 @@ def main() -> None:
             lines.append(
                 f"| {r['candidate']} | {r['sparsity']:.2f} | {r.get('realised_sparsity', 0):.3f} | {r['ppl']:.2f} |"
             )
-        (RESULTS / f"defaults_{model_name}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        (RESULTS / f"defaults_{model_name}{suffix}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -23,15 +23,6 @@ from cfsp.bench import (
 from cfsp.errors import CfspError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, and the tests share a small machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _narrow_llama(intermediate_size: int = 128) -> torch.nn.Module:
     """A tiny llama with a narrower FFN, standing in for a pruned model."""
     config = FAMILY_CONFIGS["llama"]()

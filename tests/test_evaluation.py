@@ -35,15 +35,6 @@ from cfsp.evaluation import (
 HARNESS_TASKS = Path(lm_eval.__file__).parent / "tasks"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread, and the tests share a small machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _direct_ppl(model, windows: torch.Tensor) -> float:
     total, count = 0.0, 0
     with torch.no_grad():

@@ -31,15 +31,6 @@ from cfsp.recovery import (
 IMPORTANCE = [0.1, 0.4, 0.2, 0.3]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models train several times faster on one thread than on contended cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 WIDTHS = [256, 96, 160, 32]
 
 

@@ -52,7 +52,7 @@ def summary_table(result) -> Table:
     return table
 
 
-def totals_table(result) -> Table:
+def totals_table(result, cost: dict | None = None) -> Table:
     table = Table(show_header=False, box=None)
     table.add_row("target FFN sparsity", f"{result.target_sparsity:.3f}")
     table.add_row("realised FFN sparsity", f"{result.realised_sparsity:.3f}")
@@ -61,6 +61,8 @@ def totals_table(result) -> Table:
         "parameters after", f"{result.params_after:,} ({result.params_after / result.params_before:.3f}x)"
     )
     table.add_row("pruning time", f"{result.seconds:.1f} s")
+    if cost is not None:
+        table.add_row("peak memory (process RSS)", f"{cost['peak_rss_bytes'] / 2**20:,.0f} MiB")
     return table
 
 
@@ -110,6 +112,7 @@ def prune(
 ) -> None:
     """Prune a model's FFN channels and save a smaller dense model."""
     import cfsp
+    from cfsp.bench import pruning_cost
     from cfsp.data import describe_windows
     from cfsp.io import check_output_dir
     from cfsp.methods import get_method, needs_calibration
@@ -127,7 +130,8 @@ def prune(
             tokenizer, source=calib_source, n=nsamples, length=seqlen, seed=seed, data_dir=data_dir
         )
         calibration = describe_windows(calib_source, nsamples, seqlen, seed)
-    result = cfsp.prune(
+    result, cost = pruning_cost(
+        cfsp.prune,
         net,
         calib,
         sparsity,
@@ -146,7 +150,7 @@ def prune(
         calibration=calibration,
     )
     console.print(summary_table(result))
-    console.print(totals_table(result))
+    console.print(totals_table(result, cost))
     cfsp.save_pruned(net, tokenizer, result, out, overwrite=overwrite)
     console.print(f"saved to [bold]{out}[/]")
 
