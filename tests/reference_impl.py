@@ -1,9 +1,10 @@
 """An independent, literal re-implementation of the reference numerics (CFSP.md sections 1-6).
 
 It shares no code with cfsp: activations come from forward hooks on a plain dense forward pass
-(one window at a time, as the reference runs), statistics are accumulated the reference's way in
-float32 (running averages over windows, importance summed over tokens, FLAP's in-place recurrence),
-and widths and masks follow its rounding and thresholds. Tests compare cfsp against it.
+(one window at a time, as the reference runs), statistics are accumulated the reference's way
+(running averages over windows, importance summed over tokens, FLAP's in-place recurrence), and
+widths and masks follow its rounding and thresholds. It computes in float64 so that comparisons
+are not decided by float32 round-off on near-tied channels. Tests compare cfsp against it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def collect(model, windows: torch.Tensor) -> list[dict]:
     def down_hook(index):
         def hook(module, args):
             s = stats[index]
-            x = args[0].detach().float()[0]  # [tokens, D], one window
+            x = args[0].detach().double()[0]  # [tokens, D], one window
             n = s["n"]
             sample = x.pow(2).sum(0)
             s["s2"] = sample / (n + 1) if n == 0 else s["s2"] * n / (n + 1) + sample / (n + 1)
@@ -54,7 +55,7 @@ def collect(model, windows: torch.Tensor) -> list[dict]:
                 model(window[None], use_cache=False)
                 for i in range(len(layers)):
                     x_in, x_out = io[i]
-                    cos = torch.nn.functional.cosine_similarity(x_in.float(), x_out.float(), dim=-1)
+                    cos = torch.nn.functional.cosine_similarity(x_in.double(), x_out.double(), dim=-1)
                     angular = torch.arccos(cos.clamp(-1, 1)) / math.pi
                     angular[torch.isnan(angular)] = 0.5
                     stats[i]["importance"] += angular.sum().item()
@@ -67,9 +68,9 @@ def collect(model, windows: torch.Tensor) -> list[dict]:
 def _weights(layer):
     mlp = layer.mlp
     return (
-        mlp.down_proj.weight.detach().float(),
-        mlp.up_proj.weight.detach().float().T,
-        mlp.gate_proj.weight.detach().float().T,
+        mlp.down_proj.weight.detach().double(),
+        mlp.up_proj.weight.detach().double().T,
+        mlp.gate_proj.weight.detach().double().T,
     )
 
 

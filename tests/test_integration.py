@@ -39,8 +39,17 @@ def test_cfsp_matches_reference_saves_reloads_and_keeps_quality(smollm2, tmp_pat
     dense, tokenizer, calib, stats, ref_stats = smollm2
     ref_keep, ref_widths, ref_kept = reference_impl.cfsp(dense, ref_stats, 0.5, multiple=128)
     model = copy.deepcopy(dense)
-    result = cfsp.prune(model, calib, 0.5, temperature=N * LENGTH / 1e4, progress=False)
-    assert result.keep_fractions == pytest.approx(ref_keep, abs=1e-6)  # float32 sums vs our float64
+    result = cfsp.prune(
+        model,
+        calib,
+        0.5,
+        temperature=N * LENGTH / 1e4,
+        channel_metric="three_w_one_wa",
+        bias_compensation=False,
+        stats=stats,
+        progress=False,
+    )
+    assert result.keep_fractions == pytest.approx(ref_keep, abs=1e-9)
     assert result.widths == ref_widths
     assert _same(result.kept_channels, ref_kept) == []
 

@@ -20,7 +20,7 @@ def _pruned(family, calib, method="cfsp"):
     return model, result
 
 
-@pytest.mark.parametrize("method", ["cfsp", "flap"])
+@pytest.mark.parametrize("method", ["cfsp", "flap", "magnitude-sp"])
 def test_reload_and_apply_plan_give_identical_logits(family, calib, tokenizer, tmp_path, method):
     model, result = _pruned(family, calib, method)
     x = calib[:2, :20]
@@ -32,7 +32,7 @@ def test_reload_and_apply_plan_give_identical_logits(family, calib, tokenizer, t
     widths = {int(k): v["intermediate_size"] for k, v in config["per_layer_config"].items()}
     assert all(widths.get(i, config["intermediate_size"]) == w for i, w in enumerate(result.widths))
     assert config["auto_map"]["AutoModelForCausalLM"].startswith("modeling_cfsp.")
-    assert config.get("mlp_bias", False) == (method == "flap")
+    assert config.get("mlp_bias", False) == (result.down_biases is not None) == (method != "magnitude-sp")
     plan = cfsp.read_plan(out)
     assert plan["widths"] == result.widths and plan["method"] == method
     assert plan["kept_channels"] == [k.tolist() for k in result.kept_channels]

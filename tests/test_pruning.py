@@ -12,6 +12,10 @@ from cfsp.calibration import calibrate
 from cfsp.methods import METHODS
 from cfsp.models import ffn_widths
 
+REFERENCE_SCORE = dict(
+    channel_metric="three_w_one_wa", bias_compensation=False
+)  # the reference's channel rule
+
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_every_method_prunes_every_family(tiny_model, calib, method):
@@ -57,7 +61,13 @@ def test_kept_channels_match_the_reference_formulas(family, calib):
         dense, reference_impl.collect(dense, calib), 0.5, multiple=32
     )
     ours = cfsp.prune(
-        make_tiny_model(family), calib, 0.5, temperature=n * length / 1e4, multiple=32, progress=False
+        make_tiny_model(family),
+        calib,
+        0.5,
+        temperature=n * length / 1e4,
+        multiple=32,
+        progress=False,
+        **REFERENCE_SCORE,
     )
     assert ours.keep_fractions == pytest.approx(ref_keep, abs=1e-9)
     assert ours.widths == ref_widths
@@ -158,9 +168,10 @@ def test_sequential_scores_each_block_on_the_pruned_prefix(calib):
     from cfsp.scoring import ChannelInputs, channel_scores
     from cfsp.surgery import slice_mlp
 
-    dense = cfsp.prune(make_tiny_model("qwen3"), calib, 0.5, multiple=32, temperature=50.0, progress=False)
+    options = dict(multiple=32, temperature=50.0, progress=False, **REFERENCE_SCORE)
+    dense = cfsp.prune(make_tiny_model("qwen3"), calib, 0.5, **options)
     model = make_tiny_model("qwen3")
-    result = cfsp.prune(model, calib, 0.5, multiple=32, temperature=50.0, sequential=True, progress=False)
+    result = cfsp.prune(model, calib, 0.5, sequential=True, **options)
     assert result.widths == dense.widths
     assert result.kept_channels[0].tolist() == dense.kept_channels[0].tolist()
 
@@ -201,4 +212,13 @@ def test_baselines_in_reference_mode_match_the_reference_formulas(family, calib)
         assert [k.tolist() for k in result.kept_channels] == [k.tolist() for k in kept], method
     flap = cfsp.prune(make_tiny_model(family), calib, 0.4, method="flap", reference=True, progress=False)
     for ours, theirs in zip(flap.down_biases, reference_impl.flap(dense, stats, 0.4)[1], strict=True):
-        assert torch.allclose(ours.float(), theirs, rtol=1e-4, atol=1e-5)
+        assert torch.allclose(ours, theirs, rtol=1e-6, atol=1e-8)
+
+
+def test_cfsp_defaults_and_their_reference_counterparts(calib):
+    from conftest import make_tiny_model
+
+    default = cfsp.prune(make_tiny_model("llama"), calib, 0.5, multiple=32, progress=False)
+    assert default.options["channel_metric"] == "ria" and default.down_biases is not None
+    exact = cfsp.prune(make_tiny_model("llama"), calib, 0.5, multiple=32, reference=True, progress=False)
+    assert exact.options["channel_metric"] == "three_w_one_wa" and exact.down_biases is None

@@ -6,7 +6,7 @@ calibration pass, surgery, saving and reporting are shared.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cfsp.errors import CfspError
 from cfsp.scoring import NEEDS_ACTIVATIONS
@@ -23,14 +23,19 @@ class Method:
     multiple: int  # default rounding of widths (1 = none)
     bias_compensation: bool = False  # add the pruned channels' mean contribution to down_proj
     summary: str = ""
+    reference_defaults: dict = field(default_factory=dict)  # what the reference uses where we differ
 
 
 METHODS: dict[str, Method] = {
+    # Defaults chosen by benchmarks/search_defaults.py (see the README's results): the relative-
+    # importance channel score plus mean compensation beat the reference's activation-only score.
     "cfsp": Method(
-        "three_w_one_wa",
+        "ria",
         "cfsp",
         128,
-        summary="block angular importance -> sigmoid widths; channel activations",
+        bias_compensation=True,
+        summary="block angular importance -> sigmoid widths; relative weight x activation channel score",
+        reference_defaults=dict(channel_metric="three_w_one_wa", bias_compensation=False),
     ),
     "wanda-sp": Method("wanda_base", "global", 1, summary="|W_down| x activation norm, one global threshold"),
     "flap": Method(

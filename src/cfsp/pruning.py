@@ -77,11 +77,14 @@ def prune(
     """
     started = time.perf_counter()
     spec = get_method(method)
-    channel_metric = channel_metric or spec.channel_metric
+    defaults = {"channel_metric": spec.channel_metric, "bias_compensation": spec.bias_compensation}
+    if reference:
+        defaults.update(spec.reference_defaults)
+    channel_metric = channel_metric or defaults["channel_metric"]
     allocation = allocation or spec.allocation
     multiple = spec.multiple if multiple is None else int(multiple)
     if bias_compensation is None:
-        bias_compensation = spec.bias_compensation
+        bias_compensation = defaults["bias_compensation"]
     _validate(sparsity, block_metric, allocation, multiple, temperature)
     if sequential and (reference or calib is None):
         raise CfspError(
