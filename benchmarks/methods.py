@@ -75,7 +75,7 @@ def run_model(name: str, args) -> list[dict]:
     for sparsity in args.sparsities:
         for label in args.methods:
             model, result = pruned_variant(setup, sparsity, **METHODS[label])
-            calibrated = result.block_importance is not None or result.down_biases is not None
+            calibrated = result.block_importance is not None  # None: the method used weights only
             prune_seconds = result.seconds + (setup.calib_seconds if calibrated else 0.0)
             scores, mean = zero_shot_scores(model, setup.tokenizer, args.limit)
             rows.append(

@@ -99,12 +99,12 @@ def prune(
     original = ffn_widths(model)
     params_before = count_parameters(model)
     importance = None
-    if stats is None and calib is not None and wants_stats:
-        stats = calibrate(model, calib, batch_size=batch_size, progress=progress)
-    if stats is None:
-        stats = [None] * len(blocks)
-    else:
+    if wants_stats:
+        if stats is None:
+            stats = calibrate(model, calib, batch_size=batch_size, progress=progress)
         importance = block_importance(stats, block_metric)
+    else:
+        stats = [None] * len(blocks)  # e.g. Magnitude-SP: weights only
 
     scores = [
         _block_scores(block_mlp(blk), s, channel_metric, b, c, reference)
