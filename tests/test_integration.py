@@ -57,6 +57,7 @@ def test_cfsp_matches_reference_saves_reloads_and_keeps_quality(smollm2, tmp_pat
     assert abs(result.realised_sparsity - 0.5) < 0.05
     assert result.params_after < 0.75 * result.params_before
 
+    assert not model.is_quantized  # de-quantized GGUF weights save and train like any model
     out = cfsp.save_pruned(model, tokenizer, result, tmp_path / "smollm2-50")
     reloaded, _ = cfsp.load_pruned(out)
     x = calib[:2, :64]
@@ -87,3 +88,19 @@ def test_baselines_match_reference_and_reload(smollm2, tmp_path, method):
     x = calib[:2, :64]
     with torch.no_grad():
         assert torch.equal(reloaded(x).logits, model(x).logits)
+
+
+def test_recovery_runs_on_pruned_smollm2(smollm2, tmp_path):
+    from cfsp.recovery import RecoveryConfig, recover
+
+    dense, tokenizer, calib, stats, _ = smollm2
+    model = copy.deepcopy(dense)
+    result = cfsp.prune(model, calib, 0.5, stats=stats, progress=False)
+    config = RecoveryConfig(
+        rank=2, steps=2, batch_size=1, grad_accum=1, seqlen=32, max_samples=4, save_steps=2
+    )
+    recovered = recover(
+        model, tokenizer, "dolly_hhrlhf_small", result.block_importance, config, tmp_path / "ckpt"
+    )
+    assert recovered.steps == 2 and abs(recovered.trainable_params / recovered.uniform_params - 1) <= 0.02
+    assert [layer.mlp.down_proj.in_features for layer in recovered.model.model.layers] == result.widths

@@ -75,9 +75,12 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
     if gguf_file:
-        # The weights are de-quantized floats: drop the GGUF marker so the model saves like any other.
+        # The weights are de-quantized floats: drop the GGUF marker so the model saves and trains
+        # like any other.
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None:
+            quantizer.remove_quantization_config(model)
         model.config.__dict__.pop("quantization_config", None)
-        model.hf_quantizer = None
         model.config.name_or_path = name
     check_supported(model)
     return model.to(device).eval(), tokenizer
