@@ -97,7 +97,7 @@ def test_recovery_runs_on_pruned_smollm2(smollm2, tmp_path):
     model = copy.deepcopy(dense)
     result = cfsp.prune(model, calib, 0.5, stats=stats, progress=False)
     config = RecoveryConfig(
-        rank=2, steps=2, batch_size=1, grad_accum=1, seqlen=32, max_samples=4, save_steps=2
+        rank=2, steps=2, batch_size=1, grad_accum=1, seqlen=256, max_samples=8, save_steps=2
     )
     recovered = recover(
         model, tokenizer, "dolly_hhrlhf_small", result.block_importance, config, tmp_path / "ckpt"
