@@ -32,6 +32,35 @@ def test_round_width_bounds():
     assert alloc.round_width(0.2, 10, 1) == 1
 
 
+def test_budget_rounding_hits_the_total_that_nearest_misses():
+    # four blocks each asking for 700 of 1536: nearest rounds every one down to 640 (total 2560);
+    # budget adds one multiple to a block while the shortfall is at least half a multiple
+    # (240 -> 112 -> -16), so the total is 2816 against 2800 requested.
+    targets = [700.0, 700.0, 700.0, 700.0]
+    full = [1536] * 4
+    assert alloc.round_widths(targets, full, 128, "nearest") == [640] * 4
+    budget = alloc.round_widths(targets, full, 128, "budget")
+    assert sum(budget) == 2816 and sorted(budget) == [640, 640, 768, 768]
+    assert abs(sum(budget) - sum(targets)) <= 64
+
+
+def test_budget_rounding_prefers_largest_remainders_and_respects_bounds():
+    targets = [1500.0, 130.0, 250.0, 20.0]
+    full = [1536, 1536, 1536, 100]
+    widths = alloc.round_widths(targets, full, 128, "budget")
+    # floors: 1408, 128, 128, 100 (full, smaller than one multiple) -> 1764 of 1900 requested;
+    # remainders 92, 2, 122, -80: block 2 gets +128 (1892), then 8 short < 64: stop.
+    assert widths == [1408, 128, 256, 100]
+    assert all(w % 128 == 0 or w == d for w, d in zip(widths, full, strict=True))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        full = [1536] * 30
+        targets = (128 + torch.rand(30, generator=g) * (1536 - 128)).tolist()
+        widths = alloc.round_widths(targets, full, 128, "budget")
+        assert all(128 <= w <= 1536 and w % 128 == 0 for w in widths)
+        assert abs(sum(widths) - sum(targets)) <= 64
+
+
 def test_reference_widths_quirks():
     assert alloc.reference_widths([0.5], [1536], 128) == [768]
     assert alloc.reference_widths([0.01], [1536], 128) == [0]  # the reference keeps everything then

@@ -46,6 +46,7 @@ def test_cfsp_matches_reference_saves_reloads_and_keeps_quality(smollm2, tmp_pat
         temperature=N * LENGTH / 1e4,
         channel_metric="three_w_one_wa",
         bias_compensation=False,
+        rounding="nearest",
         stats=stats,
         progress=False,
     )

@@ -12,9 +12,8 @@ from cfsp.calibration import calibrate
 from cfsp.methods import METHODS
 from cfsp.models import ffn_widths
 
-REFERENCE_SCORE = dict(
-    channel_metric="three_w_one_wa", bias_compensation=False
-)  # the reference's channel rule
+# the reference's channel rule and per-block rounding
+REFERENCE_SCORE = dict(channel_metric="three_w_one_wa", bias_compensation=False, rounding="nearest")
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -122,6 +121,16 @@ def test_magnitude_sp_needs_no_calibration(tiny_model):
     assert result.widths == [128] * 4 and result.block_importance is None
 
 
+@pytest.mark.parametrize("sparsity", [0.17, 0.37, 0.5, 0.81])
+def test_budget_rounding_removes_the_requested_total_within_half_a_multiple(calib, sparsity):
+    from conftest import make_tiny_model
+
+    result = cfsp.prune(make_tiny_model("llama"), calib, sparsity, multiple=32, progress=False)
+    total = sum(result.original_widths)
+    assert abs(total * (1 - sparsity) - sum(result.widths)) <= 16
+    assert all(w % 32 == 0 for w in result.widths) and result.options["rounding"] == "budget"
+
+
 @pytest.mark.parametrize("sparsity", [0.0, 1.0, -0.2, 1.5])
 def test_sparsity_outside_open_interval_is_refused(tiny_model, calib, sparsity):
     with pytest.raises(cfsp.CfspError, match="sparsity must be in"):
@@ -135,6 +144,7 @@ def test_bad_options_are_refused_with_one_line(tiny_model, calib):
         (dict(channel_metric="nope"), "unknown channel metric"),
         (dict(allocation="random"), "unknown allocation"),
         (dict(multiple=0), "multiple must be"),
+        (dict(rounding="up"), "unknown rounding"),
     ]:
         with pytest.raises(cfsp.CfspError, match=message) as info:
             cfsp.prune(tiny_model, calib, 0.5, progress=False, **kwargs)

@@ -57,8 +57,37 @@ def round_width(width: float, full: int, multiple: int) -> int:
     return int(min(full, max(rounded, min(multiple, full))))
 
 
-def widths_from_fractions(keep: list[float], full: list[int], multiple: int = 128) -> list[int]:
-    return [round_width(f * d, d, multiple) for f, d in zip(keep, full, strict=True)]
+ROUNDINGS = ("budget", "nearest")
+
+
+def widths_from_fractions(
+    keep: list[float], full: list[int], multiple: int = 128, rounding: str = "budget"
+) -> list[int]:
+    return round_widths([f * d for f, d in zip(keep, full, strict=True)], full, multiple, rounding)
+
+
+def round_widths(targets: list[float], full: list[int], multiple: int, rounding: str = "budget") -> list[int]:
+    """Round per-block target widths to the multiple.
+
+    ``nearest`` rounds each block on its own (the reference): with 30 blocks the errors add up and
+    the realised sparsity can miss the target by several multiples. ``budget`` keeps the total as
+    close to the sum of the targets as the multiple allows: every block is rounded down, then the
+    blocks with the largest remainders get one more multiple until the total is reached.
+    """
+    if rounding == "nearest" or multiple == 1:
+        return [round_width(t, d, multiple) for t, d in zip(targets, full, strict=True)]
+    widths = [
+        round_width(math.floor(t / multiple) * multiple, d, multiple)
+        for t, d in zip(targets, full, strict=True)
+    ]
+    missing = sum(targets) - sum(widths)
+    order = sorted(range(len(widths)), key=lambda i: targets[i] - widths[i], reverse=True)
+    for i in order:
+        step = min(multiple, full[i] - widths[i])
+        if step > 0 and missing >= step / 2:
+            widths[i] += step
+            missing -= step
+    return widths
 
 
 def reference_widths(keep: list[float], full: list[int], multiple: int) -> list[int]:
@@ -92,11 +121,13 @@ def standardise(scores: torch.Tensor) -> torch.Tensor:
     return (scores - scores.mean()) / scores.std()
 
 
-def global_widths(block_scores: list[torch.Tensor], sparsity: float, multiple: int = 1) -> list[int]:
+def global_widths(
+    block_scores: list[torch.Tensor], sparsity: float, multiple: int = 1, rounding: str = "budget"
+) -> list[int]:
     """Widths from one threshold over the per-block standardised scores of every block.
 
     Keeps ``round(total * (1 - p))`` channels overall (within one channel of the request), at least
-    one per block; with ``multiple > 1`` each block's count is then rounded to the multiple.
+    one per block; with ``multiple > 1`` the counts are then rounded to the multiple (``round_widths``).
     """
     standard = [standardise(s) for s in block_scores]
     flat = torch.cat(standard)
@@ -107,7 +138,7 @@ def global_widths(block_scores: list[torch.Tensor], sparsity: float, multiple: i
     )
     counts = torch.bincount(owner[threshold_index], minlength=len(block_scores)).tolist()
     full = [s.numel() for s in block_scores]
-    return [round_width(c, d, multiple) for c, d in zip(counts, full, strict=True)]
+    return round_widths([float(c) for c in counts], full, multiple, rounding)
 
 
 def reference_global_kept(block_scores: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:

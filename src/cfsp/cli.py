@@ -91,6 +91,10 @@ def prune(
     b: Annotated[float, typer.Option(help="Activation exponent inside the weight term.")] = 1.0,
     c: Annotated[float, typer.Option(help="Activation exponent of the channel score.")] = 1.0,
     multiple: Annotated[int | None, typer.Option(help="Round widths to this multiple (1 = off).")] = None,
+    rounding: Annotated[
+        str,
+        typer.Option(help="budget: hit the target sparsity overall; nearest: round each block alone."),
+    ] = "budget",
     bias_compensation: Annotated[
         bool | None,
         typer.Option(
@@ -143,6 +147,7 @@ def prune(
         b=b,
         c=c,
         multiple=multiple,
+        rounding=rounding,
         bias_compensation=bias_compensation,
         reference=reference,
         sequential=sequential,

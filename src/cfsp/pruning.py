@@ -58,6 +58,7 @@ def prune(
     b: float = 1.0,
     c: float = 1.0,
     multiple: int | None = None,
+    rounding: str = "budget",
     bias_compensation: bool | None = None,
     reference: bool = False,
     sequential: bool = False,
@@ -69,7 +70,8 @@ def prune(
     """Prune the FFN channels of ``model`` in place to a global FFN ``sparsity``.
 
     ``channel_metric``, ``allocation``, ``multiple`` and ``bias_compensation`` (FLAP's mean
-    compensation in down_proj's bias) default to the method's own; ``reference``
+    compensation in down_proj's bias) default to the method's own; ``rounding`` says how widths
+    meet the multiple (``budget``: the total hits the target; ``nearest``: per block); ``reference``
     switches every deliberate deviation back to the reference implementation's numerics. ``stats``
     reuses an earlier ``calibrate`` of the same dense model: every method scores dense activations,
     so one pass can serve several methods and sparsities. ``sequential`` re-chooses each block's
@@ -86,6 +88,8 @@ def prune(
     if bias_compensation is None:
         bias_compensation = defaults["bias_compensation"]
     _validate(sparsity, block_metric, allocation, multiple, temperature)
+    if rounding not in alloc.ROUNDINGS:
+        raise CfspError(f"unknown rounding {rounding!r}; choose one of {', '.join(alloc.ROUNDINGS)}")
     if sequential and (reference or calib is None):
         raise CfspError(
             "sequential pruning needs calibration windows and cannot be combined with --reference"
@@ -110,7 +114,9 @@ def prune(
         _block_scores(block_mlp(blk), s, channel_metric, b, c, reference)
         for blk, s in zip(blocks, stats, strict=True)
     ]
-    keep, kept = _allocate(allocation, scores, importance, stats, sparsity, temperature, multiple, reference)
+    keep, kept = _allocate(
+        allocation, scores, importance, stats, sparsity, temperature, multiple, rounding, reference
+    )
     kept = [k if k.numel() else s.argmax().view(1) for k, s in zip(kept, scores, strict=True)]
 
     if sequential:
@@ -134,6 +140,7 @@ def prune(
         b=b,
         c=c,
         multiple=multiple,
+        rounding="nearest" if reference else rounding,
         bias_compensation=bias_compensation,
         reference=reference,
         sequential=sequential,
@@ -177,6 +184,7 @@ def _allocate(
     sparsity: float,
     temperature: float,
     multiple: int,
+    rounding: str,
     reference: bool,
 ) -> tuple[list[float], list[torch.Tensor]]:
     """Keep fractions and kept channel indices per block."""
@@ -185,7 +193,7 @@ def _allocate(
         if reference:
             kept = alloc.reference_global_kept(scores, sparsity)
         else:
-            widths = alloc.global_widths(scores, sparsity, multiple)
+            widths = alloc.global_widths(scores, sparsity, multiple, rounding)
             kept = [alloc.top_channels(s, w) for s, w in zip(scores, widths, strict=True)]
         return [k.numel() / d for k, d in zip(kept, full, strict=True)], kept
 
@@ -202,7 +210,7 @@ def _allocate(
     if reference:
         widths = alloc.reference_widths(keep, full, multiple)
         return keep, [alloc.reference_kept_channels(s, w) for s, w in zip(scores, widths, strict=True)]
-    widths = alloc.widths_from_fractions(keep, full, multiple)
+    widths = alloc.widths_from_fractions(keep, full, multiple, rounding)
     return keep, [alloc.top_channels(s, w) for s, w in zip(scores, widths, strict=True)]
 
 
