@@ -35,7 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/methods.py --model smollm2 --model gemma3-270m
 
 bench-recovery: $(STAMP)
-	$(PY) benchmarks/recovery.py
+	$(PY) benchmarks/recovery.py --steps 40
 
 clean:
 	rm -rf .venv out

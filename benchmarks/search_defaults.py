@@ -39,6 +39,10 @@ CANDIDATES: dict[str, dict] = {
     "ria+bias+budget+t30": dict(channel_metric="ria", bias_compensation=True, temperature=30.0),
     "flap-method+128": dict(method="flap", multiple=128),
     "wanda-method+128": dict(method="wanda-sp", multiple=128),
+    "ria+bias+budget+sequential": dict(channel_metric="ria", bias_compensation=True, sequential=True),
+    # the baselines as they run by default, to rank against them on a larger evaluation
+    "flap-method": dict(method="flap"),
+    "wanda-method": dict(method="wanda-sp"),
 }
 
 
@@ -53,7 +57,7 @@ def main() -> None:
     sparsities = args.sparsity or [0.2, 0.5]
     names = args.only.split(",") if args.only else list(CANDIDATES)
     for model_name in args.model:
-        setup = prepare(model_name, args.nsamples, args.seqlen)
+        setup = prepare(model_name, args.nsamples, args.seqlen, time_forward=False)
         dense = wikitext_ppl(setup.model, setup.tokenizer, args.ppl_windows, args.ppl_seqlen)
         rows = [dict(candidate="dense", sparsity=0.0, ppl=dense)]
         print(f"{model_name} dense ppl {dense:.2f}", flush=True)
