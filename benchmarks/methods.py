@@ -22,7 +22,7 @@ from cfsp.models import count_parameters  # noqa: E402
 
 ZERO_SHOT = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 # label -> prune() options. "cfsp-reference" is the reference configuration (its channel metric,
-# its temperature, per-block rounding, no bias compensation), kept in the table as the bar the defaults must beat.
+# its temperature, per-block rounding, no bias compensation), the bar the defaults must beat.
 METHODS: dict[str, dict] = {
     "cfsp": dict(method="cfsp"),
     "cfsp-reference": dict(
