@@ -87,9 +87,9 @@ def prune(
     multiple = spec.multiple if multiple is None else int(multiple)
     if bias_compensation is None:
         bias_compensation = defaults["bias_compensation"]
-    _validate(sparsity, block_metric, allocation, multiple, temperature)
-    if rounding not in alloc.ROUNDINGS:
-        raise CfspError(f"unknown rounding {rounding!r}; choose one of {', '.join(alloc.ROUNDINGS)}")
+    _validate(sparsity, block_metric, allocation, multiple, rounding, temperature)
+    if reference:
+        rounding = "nearest"  # the reference rounds each block on its own
     if sequential and (reference or calib is None):
         raise CfspError(
             "sequential pruning needs calibration windows and cannot be combined with --reference"
@@ -140,7 +140,7 @@ def prune(
         b=b,
         c=c,
         multiple=multiple,
-        rounding="nearest" if reference else rounding,
+        rounding=rounding,
         bias_compensation=bias_compensation,
         reference=reference,
         sequential=sequential,
@@ -163,7 +163,9 @@ def prune(
     )
 
 
-def _validate(sparsity: float, block_metric: str, allocation: str, multiple: int, temperature: float) -> None:
+def _validate(
+    sparsity: float, block_metric: str, allocation: str, multiple: int, rounding: str, temperature: float
+) -> None:
     if not 0.0 < float(sparsity) < 1.0:
         raise CfspError(f"sparsity must be in (0, 1), got {sparsity}; e.g. 0.5 removes half the FFN channels")
     if block_metric not in BLOCK_METRICS:
@@ -172,6 +174,8 @@ def _validate(sparsity: float, block_metric: str, allocation: str, multiple: int
         raise CfspError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
     if multiple < 1:
         raise CfspError(f"multiple must be >= 1 (1 = no rounding), got {multiple}")
+    if rounding not in alloc.ROUNDINGS:
+        raise CfspError(f"unknown rounding {rounding!r}; choose one of {', '.join(alloc.ROUNDINGS)}")
     if temperature < 0:
         raise CfspError(f"temperature must be >= 0, got {temperature}")
 
