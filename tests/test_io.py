@@ -10,6 +10,7 @@ from conftest import FAMILIES, make_tiny_model
 
 import cfsp
 from cfsp.models import ffn_widths
+from cfsp.outdir import PLAN_FILE
 
 
 def _pruned(family, calib, method="cfsp"):
@@ -84,6 +85,8 @@ def test_non_empty_output_is_refused_and_failures_leave_nothing(calib, tokenizer
     (busy / "keep.txt").write_text("user data")
     with pytest.raises(cfsp.CfspError, match="not empty.*--overwrite"):
         cfsp.save_pruned(model, tokenizer, result, busy)
+    with pytest.raises(cfsp.CfspError, match="not written by cfsp"):
+        cfsp.save_pruned(model, tokenizer, result, busy, overwrite=True)
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
 
     class Broken:
@@ -91,9 +94,43 @@ def test_non_empty_output_is_refused_and_failures_leave_nothing(calib, tokenizer
             raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError):
-        cfsp.save_pruned(model, Broken(), result, tmp_path / "fresh")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
+        cfsp.save_pruned(model, Broken(), result, tmp_path / "deep" / "fresh")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]  # created parents removed too
 
-    cfsp.save_pruned(model, tokenizer, result, busy, overwrite=True)
-    assert (busy / "pruning_plan.json").is_file() and not (busy / "keep.txt").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
+    first = cfsp.save_pruned(model, tokenizer, result, tmp_path / "pruned")
+    (first / "extra.txt").write_text("from the first run")
+    cfsp.save_pruned(model, tokenizer, result, first, overwrite=True)
+    assert (first / PLAN_FILE).is_file() and not (first / "extra.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "pruned"]
+
+
+def test_a_directory_without_tokenizer_loads_with_none(calib, tmp_path):
+    model, result = _pruned("llama", calib)
+    out = cfsp.save_pruned(model, None, result, tmp_path / "no-tokenizer")
+    reloaded, tok = cfsp.load_pruned(out)
+    assert tok is None and ffn_widths(reloaded) == result.widths
+    assert cfsp.load_model(out)[1] is None
+    with pytest.raises(cfsp.CfspError, match="needs the model's tokenizer"):
+        cfsp.evaluate(reloaded, tok, tasks=["wikitext2"], limit=1, seqlen=16)
+
+
+def test_plans_are_strict_json_and_invalid_plans_are_one_line(calib, tokenizer, tmp_path):
+    model, result = _pruned("llama", calib)
+    result.block_importance = [float("nan")] * len(result.widths)
+    out = cfsp.save_pruned(model, tokenizer, result, tmp_path / "p")
+    text = (out / PLAN_FILE).read_text()
+    assert "NaN" not in text and json.loads(text)["block_importance"][0] is None
+    plan = json.loads(text)
+    broken = [
+        ("{not json", "not valid JSON"),
+        (json.dumps({k: v for k, v in plan.items() if k != "kept_channels"}), "kept_channels"),
+        (json.dumps({**plan, "widths": plan["widths"][:-1]}), "one entry per block"),
+        (json.dumps({**plan, "kept_channels": [[0, 0] * (w // 2) for w in plan["widths"]]}), "distinct"),
+    ]
+    for content, message in broken:
+        (out / PLAN_FILE).write_text(content)
+        with pytest.raises(cfsp.CfspError, match=message):
+            cfsp.load_pruned(out)
+    (out / PLAN_FILE).write_text(json.dumps({**plan, "widths": [w - 1 for w in plan["widths"]]}))
+    with pytest.raises(cfsp.CfspError):
+        cfsp.load_pruned(out)

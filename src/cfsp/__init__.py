@@ -1,19 +1,26 @@
 """cfsp: coarse-to-fine structured pruning of LLM feed-forward layers, and its recovery."""
 
+from cfsp.bench import speed_benchmark
 from cfsp.data import calibration_windows
 from cfsp.errors import CfspError
+from cfsp.evaluation import evaluate
 from cfsp.io import apply_plan, load_pruned, read_plan, save_pruned
 from cfsp.models import load_model
 from cfsp.pruning import PruneResult, prune
+from cfsp.recovery import RecoveryConfig, recover
 
 __all__ = [
     "CfspError",
     "PruneResult",
+    "RecoveryConfig",
     "apply_plan",
     "calibration_windows",
+    "evaluate",
     "load_model",
     "load_pruned",
     "prune",
     "read_plan",
+    "recover",
     "save_pruned",
+    "speed_benchmark",
 ]

@@ -8,6 +8,7 @@ weight-bound decoder can reach.
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 import resource
 import statistics
@@ -25,6 +26,7 @@ from cfsp.errors import CfspError
 from cfsp.models import count_parameters
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+log = logging.getLogger("cfsp")
 
 
 def size_on_disk(path: str | os.PathLike) -> int:
@@ -101,13 +103,39 @@ def _vocab_size(models: list[torch.nn.Module], tokenizer=None) -> int:
     return min(sizes)
 
 
-def _check_settings(models, batch_sizes, prompt_lengths, decode_tokens, repeats, warmup) -> None:
+def check_bench_settings(
+    batch_sizes, prompt_lengths, decode_tokens: int, repeats: int, warmup: int = 1
+) -> None:
+    """The settings alone, before any model is loaded."""
     if decode_tokens < 1:
         raise CfspError(f"decode_tokens must be >= 1, got {decode_tokens}")
     if repeats < 1 or warmup < 0:
         raise CfspError(f"need repeats >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+    if not batch_sizes or not prompt_lengths:
+        raise CfspError("give at least one batch size and one prompt length")
     if min(batch_sizes) < 1 or min(prompt_lengths) < 1:
         raise CfspError("batch sizes and prompt lengths must be >= 1")
+
+
+def check_pair(dense: torch.nn.Module, pruned: torch.nn.Module) -> None:
+    """The pruned model must be a pruned version of the dense one; say so when it is not smaller."""
+    fields = ("model_type", "hidden_size", "num_hidden_layers", "vocab_size")
+    for name in fields:
+        a, b = getattr(dense.config, name, None), getattr(pruned.config, name, None)
+        if a != b:
+            raise CfspError(
+                f"the two models differ in {name} ({a} vs {b}): bench compares a model with its own pruned "
+                "version; pass the dense model it was pruned from"
+            )
+    dense_params, pruned_params = count_parameters(dense), count_parameters(pruned)
+    if pruned_params >= dense_params:
+        log.warning(
+            f"the 'pruned' model has {pruned_params:,} parameters, not fewer than the dense "
+            f"{dense_params:,}: check the argument order (DENSE PRUNED)"
+        )
+
+
+def _check_positions(models, prompt_lengths, decode_tokens) -> None:
     for model in models:
         limit = getattr(model.config, "max_position_embeddings", None)
         if limit and max(prompt_lengths) + decode_tokens + 1 > limit:
@@ -166,7 +194,9 @@ def speed_benchmark(
     ``param_ceiling`` = dense / pruned parameters, the most a weight-bound decoder can gain.
     """
     models = {"dense": dense, "pruned": pruned}
-    _check_settings(list(models.values()), batch_sizes, prompt_lengths, decode_tokens, repeats, warmup)
+    check_bench_settings(batch_sizes, prompt_lengths, decode_tokens, repeats, warmup)
+    check_pair(dense, pruned)
+    _check_positions(list(models.values()), prompt_lengths, decode_tokens)
     vocab = _vocab_size(list(models.values()), tokenizer)
     generator = torch.Generator().manual_seed(seed)
     modes = {name: model.training for name, model in models.items()}

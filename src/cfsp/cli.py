@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import logging
+import math
+import signal
 from pathlib import Path
 from typing import Annotated
 
@@ -10,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cfsp.errors import CfspError
+from cfsp.errors import CfspError, Terminated
 
 app = typer.Typer(
     help="Structured FFN pruning for LLMs (CFSP and baselines), evaluation, benchmarks and recovery.",
@@ -18,25 +21,62 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+errors = Console(stderr=True)
+
+
+class _ConsoleHandler(logging.Handler):
+    """cfsp's warnings and notes, one line each on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        errors.print(
+            f"{record.levelname.lower()}: {record.getMessage()}",
+            soft_wrap=True,
+            highlight=False,
+            markup=False,
+        )
 
 
 @app.callback()
 def _root() -> None:
     """Structured FFN pruning for LLMs (CFSP and baselines), evaluation, benchmarks and recovery."""
+    logger = logging.getLogger("cfsp")
+    if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
+        logger.addHandler(_ConsoleHandler())
+        logger.setLevel(logging.INFO)
+
+
+def _fail(message: str, code: int) -> typer.Exit:
+    errors.print(f"[bold red]error:[/] {message}", soft_wrap=True, highlight=False)
+    return typer.Exit(code)
 
 
 def friendly_errors(command):
-    """Turn bad input into a one-line message and exit code 2 instead of a traceback."""
+    """Bad input: one ``error:`` line on stderr and exit code 2, never a traceback.
+
+    Ctrl-C and SIGTERM / SIGHUP also end with one line (exit 130 / 128 + signal); the output
+    reservation has already removed whatever the run had written.
+    """
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
         except CfspError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False)
-            raise typer.Exit(2) from None
+            raise _fail(str(exc), 2) from None
+        except KeyboardInterrupt:
+            raise _fail("interrupted; nothing was written", 130) from None
+        except Terminated as exc:
+            name = signal.Signals(exc.signum).name
+            raise _fail(f"stopped by {name}; nothing was written", 128 + exc.signum) from None
 
     return wrapper
+
+
+def _finite(**values: float) -> None:
+    """NaN and inf pass typer's float parsing; no option of cfsp accepts them."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            raise CfspError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
 
 
 def summary_table(result) -> Table:
@@ -108,37 +148,27 @@ def prune(
     sequential: Annotated[
         bool, typer.Option("--sequential", help="Score each block on the already-pruned blocks' outputs.")
     ] = False,
+    allow_inexact: Annotated[
+        bool,
+        typer.Option("--allow-inexact", help="Warn instead of failing when the widths miss the sparsity."),
+    ] = False,
     dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
     batch_size: Annotated[int, typer.Option(help="Windows per forward batch during calibration.")] = 8,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")
+        bool, typer.Option("--overwrite", help="Replace an earlier cfsp output directory.")
     ] = False,
 ) -> None:
     """Prune a model's FFN channels and save a smaller dense model."""
     import cfsp
     from cfsp.bench import pruning_cost
-    from cfsp.data import describe_windows
-    from cfsp.io import check_output_dir
-    from cfsp.methods import get_method, needs_calibration
+    from cfsp.data import check_windows, describe_windows, text_source_path
+    from cfsp.io import write_pruned
+    from cfsp.methods import needs_calibration
+    from cfsp.outdir import StagedOutput
+    from cfsp.pruning import resolve_options
 
-    check_output_dir(out, overwrite)
-    if not 0.0 < sparsity < 1.0:
-        raise CfspError(f"sparsity must be in (0, 1), got {sparsity}; e.g. 0.5 removes half the FFN channels")
-    spec = get_method(method)
-    console.print(f"loading [bold]{model}[/] ...")
-    net, tokenizer = cfsp.load_model(model, dtype=dtype)
-    calib = calibration = None
-    compensate = spec.bias_compensation if bias_compensation is None else bias_compensation
-    if compensate or needs_calibration(channel_metric or spec.channel_metric, allocation or spec.allocation):
-        calib = cfsp.calibration_windows(
-            tokenizer, source=calib_source, n=nsamples, length=seqlen, seed=seed, data_dir=data_dir
-        )
-        calibration = describe_windows(calib_source, nsamples, seqlen, seed)
-    result, cost = pruning_cost(
-        cfsp.prune,
-        net,
-        calib,
-        sparsity,
+    _finite(sparsity=sparsity, temperature=temperature, b=b, c=c)
+    options = dict(
         method=method,
         block_metric=block_metric,
         channel_metric=channel_metric,
@@ -152,25 +182,51 @@ def prune(
         reference=reference,
         sequential=sequential,
         batch_size=batch_size,
-        calibration=calibration,
     )
-    console.print(summary_table(result))
-    console.print(totals_table(result, cost))
-    cfsp.save_pruned(net, tokenizer, result, out, overwrite=overwrite)
+    resolved = resolve_options(sparsity, **options)
+    calibrated = resolved["bias_compensation"] or needs_calibration(
+        resolved["channel_metric"], resolved["allocation"]
+    )
+    if calibrated:
+        check_windows(nsamples, seqlen)
+        text_source_path(calib_source, data_dir)
+    with StagedOutput(out, overwrite, protect=[model]) as folder:
+        console.print(f"loading [bold]{model}[/] ...")
+        net, tokenizer = cfsp.load_model(model, dtype=dtype)
+        calib = calibration = None
+        if calibrated:
+            calib = cfsp.calibration_windows(
+                tokenizer, source=calib_source, n=nsamples, length=seqlen, seed=seed, data_dir=data_dir
+            )
+            calibration = describe_windows(calib_source, nsamples, seqlen, seed)
+        result, cost = pruning_cost(
+            cfsp.prune, net, calib, sparsity, calibration=calibration, allow_inexact=allow_inexact, **options
+        )
+        console.print(summary_table(result))
+        console.print(totals_table(result, cost))
+        write_pruned(net, tokenizer, result, folder)
     console.print(f"saved to [bold]{out}[/]")
 
 
-def _csv(value: str, cast=str) -> list:
-    return [cast(v.strip()) for v in value.split(",") if v.strip()]
+def _csv(option: str, value: str, cast=str) -> list:
+    """A comma-separated option; an empty list or an item of the wrong type is one line."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise CfspError(f"--{option} is empty; give a comma-separated list, e.g. 1,4")
+    try:
+        return [cast(v) for v in items]
+    except ValueError:
+        raise CfspError(
+            f"--{option} must be a comma-separated list of {cast.__name__}s, got {value!r}"
+        ) from None
 
 
 def _write_json(path: Path | None, payload: dict) -> None:
+    from cfsp.outdir import dumps, write_text_atomic
+
     if path is None:
         return
-    import json
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    write_text_atomic(path, dumps(payload))
     console.print(f"wrote [bold]{path}[/]")
 
 
@@ -190,17 +246,15 @@ def eval_command(
 ) -> None:
     """WikiText-2 perplexity and zero-shot accuracy from the local data files."""
     import cfsp
-    from cfsp.evaluation import evaluate, format_results_table
+    from cfsp.evaluation import format_results_table, plan_tasks
+    from cfsp.outdir import check_report_path
 
+    names = _csv("tasks", tasks)
+    plan_tasks(names, limit, seqlen, batch_size, data_dir)
+    check_report_path(output)
     net, tokenizer = cfsp.load_model(model, dtype=dtype)
-    results = evaluate(
-        net,
-        tokenizer,
-        tasks=_csv(tasks),
-        limit=limit,
-        seqlen=seqlen,
-        data_dir=data_dir,
-        batch_size=batch_size,
+    results = cfsp.evaluate(
+        net, tokenizer, tasks=names, limit=limit, seqlen=seqlen, data_dir=data_dir, batch_size=batch_size
     )
     results["meta"]["model"] = model
     console.print(format_results_table(results, title=f"Evaluation of {model}"))
@@ -221,16 +275,20 @@ def bench(
 ) -> None:
     """Prefill / decode throughput of a pruned model against its dense original, side by side."""
     import cfsp
-    from cfsp.bench import format_bench_table, size_on_disk, speed_benchmark
+    from cfsp.bench import check_bench_settings, format_bench_table, size_on_disk
+    from cfsp.outdir import check_report_path
 
+    sizes, lengths = _csv("batch-sizes", batch_sizes, int), _csv("prompt-lengths", prompt_lengths, int)
+    check_bench_settings(sizes, lengths, decode_tokens, repeats)
+    check_report_path(output)
     dense_model, tokenizer = cfsp.load_model(dense, dtype=dtype)
     pruned_model, _ = cfsp.load_model(pruned, dtype=dtype)
-    result = speed_benchmark(
+    result = cfsp.speed_benchmark(
         dense_model,
         pruned_model,
         tokenizer,
-        batch_sizes=tuple(_csv(batch_sizes, int)),
-        prompt_lengths=tuple(_csv(prompt_lengths, int)),
+        batch_sizes=tuple(sizes),
+        prompt_lengths=tuple(lengths),
         decode_tokens=decode_tokens,
         repeats=repeats,
     )
@@ -263,16 +321,18 @@ def recover(
     save_adapter: Annotated[Path | None, typer.Option(help="Also save the adapter alone here.")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Data directory.")] = None,
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace a non-empty output directory.")
+        bool, typer.Option("--overwrite", help="Replace an earlier cfsp output directory.")
     ] = False,
 ) -> None:
     """Recover a pruned model with importance-guided LoRA (or uniform LoRA), merge and save it."""
-    import cfsp
-    from cfsp.io import check_output_dir
-    from cfsp.recovery import RecoveryConfig
-    from cfsp.recovery import recover as run_recovery
+    import shutil
 
-    check_output_dir(out, overwrite)
+    import cfsp
+    from cfsp.io import write_pruned
+    from cfsp.outdir import StagedOutput
+    from cfsp.recovery import RecoveryConfig, resolve_recovery_source
+
+    _finite(lr=lr)
     config = RecoveryConfig(
         rank=rank,
         allocation=allocation,
@@ -284,29 +344,41 @@ def recover(
         seed=seed,
     )
     plan = cfsp.read_plan(pruned_dir)
-    model, tokenizer = cfsp.load_pruned(pruned_dir)
-    checkpoints = checkpoint_dir or out.with_name(out.name + ".checkpoints")
-    result = run_recovery(
-        model,
-        tokenizer,
-        data,
-        plan.get("block_importance"),
-        config,
-        output_dir=checkpoints,
-        resume=resume,
-        save_adapter=save_adapter,
-        data_root=data_dir,
-    )
-    table = Table(title="LoRA ranks per block")
-    table.add_column("block", justify="right")
-    table.add_column("rank", justify="right")
-    for i, r in enumerate(result.ranks):
-        table.add_row(str(i), str(r))
-    console.print(table)
-    console.print(
-        f"trainable parameters: {result.trainable_params:,} ({allocation}); "
-        f"uniform rank {rank}: {result.uniform_params:,}; final loss {result.final_loss}"
-    )
-    plan["recovery"] = result.summary()
-    cfsp.save_pruned(result.model, tokenizer, plan, out, overwrite=overwrite)
+    resolve_recovery_source(data, data_dir)
+    checkpoints = (checkpoint_dir or out.with_name(out.name + ".checkpoints")).expanduser()
+    fresh_checkpoints = not checkpoints.exists()
+    with StagedOutput(out, overwrite, protect=[pruned_dir, checkpoints]) as folder:
+        model, tokenizer = cfsp.load_pruned(pruned_dir)
+        if tokenizer is None:
+            raise CfspError(
+                f"{pruned_dir} has no tokenizer, which recovery needs; save it with its tokenizer"
+            )
+        try:
+            result = cfsp.recover(
+                model,
+                tokenizer,
+                data,
+                plan.get("block_importance"),
+                config,
+                output_dir=checkpoints,
+                resume=resume,
+                save_adapter=save_adapter,
+                data_root=data_dir,
+            )
+        except BaseException:
+            if fresh_checkpoints and checkpoints.is_dir() and not any(checkpoints.glob("checkpoint-*")):
+                shutil.rmtree(checkpoints)  # this run created it and saved nothing to resume from
+            raise
+        table = Table(title="LoRA ranks per block")
+        table.add_column("block", justify="right")
+        table.add_column("rank", justify="right")
+        for i, r in enumerate(result.ranks):
+            table.add_row(str(i), str(r))
+        console.print(table)
+        console.print(
+            f"trainable parameters: {result.trainable_params:,} ({allocation}); "
+            f"uniform rank {rank}: {result.uniform_params:,}; final loss {result.final_loss}"
+        )
+        plan["recovery"] = result.summary()
+        write_pruned(result.model, tokenizer, plan, folder)
     console.print(f"saved to [bold]{out}[/]")

@@ -64,19 +64,29 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
             yield row
 
 
+def text_source_path(source: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
+    """The file behind a named text source or a user path; fails (one line) if there is none."""
+    name = str(source)
+    if name in TEXT_SOURCES:
+        return data_file(TEXT_SOURCES[name], root)
+    path = Path(name).expanduser()
+    if not path.is_file():
+        known = ", ".join(sorted(TEXT_SOURCES))
+        raise CfspError(f"text source {name!r} is neither a known name ({known}) nor an existing file")
+    return path
+
+
+def check_windows(n: int, length: int) -> None:
+    if n < 1 or length < 2:
+        raise CfspError(f"need n >= 1 windows of length >= 2 tokens, got n={n}, length={length}")
+
+
 def text_rows(source: str | os.PathLike, root: str | os.PathLike | None = None) -> list[str]:
     """Rows of text from a named source (``wikitext2``...) or a user ``.txt`` / ``.jsonl`` file.
 
     JSONL rows contribute their ``text`` field; a ``.txt`` file contributes its lines.
     """
-    name = str(source)
-    if name in TEXT_SOURCES:
-        path = data_file(TEXT_SOURCES[name], root)
-    else:
-        path = Path(name).expanduser()
-        if not path.is_file():
-            known = ", ".join(sorted(TEXT_SOURCES))
-            raise CfspError(f"text source {name!r} is neither a known name ({known}) nor an existing file")
+    path = text_source_path(source, root)
     if path.suffix == ".jsonl":
         rows = []
         for number, row in enumerate(read_jsonl(path), start=1):
@@ -100,8 +110,9 @@ def calibration_windows(
     Rows are joined with a single space and tokenized once; each window start is drawn uniformly
     from ``[0, T - length - 1]`` with Python's ``random`` seeded by ``seed``.
     """
-    if n < 1 or length < 2:
-        raise CfspError(f"need n >= 1 windows of length >= 2 tokens, got n={n}, length={length}")
+    check_windows(n, length)
+    if tokenizer is None:
+        raise CfspError("calibration needs the model's tokenizer, and this model has none")
     text = " ".join(text_rows(source, data_dir))
     ids = tokenizer(text, return_tensors="pt").input_ids[0]  # as the reference: default special tokens
     total = ids.numel()

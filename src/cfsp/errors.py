@@ -1,5 +1,13 @@
-"""One exception type for bad input, so the CLI can print a one-line message instead of a trace."""
+"""Exception types the CLI turns into a one-line message and an exit code instead of a trace."""
 
 
 class CfspError(ValueError):
     """A problem with the user's input, with a message that names the problem and the fix."""
+
+
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP arrived; raised so that cleanup runs as it does for Ctrl-C."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum

@@ -419,6 +419,39 @@ def zero_shot_mean(results: dict[str, dict]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def plan_tasks(
+    tasks: list[str] | tuple[str, ...] | None,
+    limit: int | None = None,
+    seqlen: int = 1024,
+    batch_size: int = 1,
+    data_dir: str | os.PathLike | None = None,
+) -> tuple[Path, list[str], dict[str, str]]:
+    """Check evaluation settings before any work: (data directory, runnable tasks, skipped ones).
+
+    A task whose data file is missing is skipped with its reason; if none is left, that is an error.
+    """
+    names = check_tasks(tasks)
+    if limit is not None and limit < 1:
+        raise CfspError(f"limit must be >= 1, got {limit}")
+    if seqlen < 2:
+        raise CfspError(f"seqlen must be >= 2, got {seqlen}")
+    if batch_size < 1:
+        raise CfspError(f"batch size must be >= 1, got {batch_size}")
+    root = resolve_data_dir(data_dir)
+    present, skipped = [], {}
+    for task in names:
+        path = root / (WIKITEXT_FILE if task == "wikitext2" else TASK_SPECS[task].file)
+        if path.is_file():
+            present.append(task)
+        else:
+            skipped[task] = f"missing data file {path}"
+    if not present:
+        raise CfspError(
+            f"none of the tasks {', '.join(names)} has its data file in {root}; check --data-dir / CFSP_DATA_DIR"
+        )
+    return root, present, skipped
+
+
 def evaluate(
     model: torch.nn.Module,
     tokenizer,
@@ -433,10 +466,11 @@ def evaluate(
     ``limit`` is the number of perplexity windows and the number of examples per zero-shot task.
     A task whose data file is missing is reported and skipped; the others still run.
     """
-    names = check_tasks(tasks)
-    if limit is not None and limit < 1:
-        raise CfspError(f"limit must be >= 1, got {limit}")
-    root = resolve_data_dir(data_dir)
+    root, present, skipped = plan_tasks(tasks, limit, seqlen, batch_size, data_dir)
+    if tokenizer is None:
+        raise CfspError("evaluation needs the model's tokenizer, and this model has none")
+    for task, reason in skipped.items():
+        print(f"skipping {task}: {reason}", file=sys.stderr)
     was_training = model.training
     model.eval()
     results: dict[str, dict] = {}
@@ -449,18 +483,8 @@ def evaluate(
         "data_dir": str(root),
         "zero_shot_rule": dict(HEADLINE_METRIC),
         "tasks": {},
-        "skipped": {},
+        "skipped": dict(skipped),
     }
-
-    files = {task: WIKITEXT_FILE if task == "wikitext2" else TASK_SPECS[task].file for task in names}
-    present: list[str] = []
-    for task in names:
-        path = root / files[task]
-        if path.is_file():
-            present.append(task)
-        else:
-            print(f"skipping {task}: missing data file {path}", file=sys.stderr)
-            meta["skipped"][task] = f"missing data file {path}"
 
     chosen = [task for task in present if task != "wikitext2"]
     try:

@@ -10,10 +10,9 @@ trust_remote_code=True)`` without cfsp, and ``apply_plan`` on the original model
 from __future__ import annotations
 
 import json
+import math
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
+from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
 
@@ -22,11 +21,11 @@ from torch import nn
 
 from cfsp import pruned_modeling
 from cfsp.errors import CfspError
-from cfsp.models import check_supported
+from cfsp.models import check_supported, ffn_widths, load_tokenizer, loading_errors
+from cfsp.outdir import PLAN_FILE, StagedOutput, dumps
 from cfsp.pruning import PruneResult
 from cfsp.surgery import apply_pruning
 
-PLAN_FILE = "pruning_plan.json"
 MODELING_FILE = "modeling_cfsp.py"
 
 
@@ -38,38 +37,6 @@ def _versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return found
-
-
-@contextmanager
-def atomic_directory(out_dir: str | os.PathLike, overwrite: bool = False):
-    """Yield a temporary directory that replaces ``out_dir`` only if the block succeeds.
-
-    A non-empty ``out_dir`` is refused unless ``overwrite``; on failure nothing is left behind.
-    """
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise CfspError(f"output directory {out} is not empty; choose another path or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            out.rename(trash / "old")
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def check_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> None:
-    """Fail before any work if ``out_dir`` would be refused later."""
-    out = Path(out_dir).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise CfspError(f"output directory {out} is not empty; choose another path or pass --overwrite")
 
 
 def modeling_source(base_class: str) -> str:
@@ -89,37 +56,94 @@ def save_pruned(
     result: PruneResult | dict,
     out_dir: str | os.PathLike,
     overwrite: bool = False,
+    protect: Iterable[str | os.PathLike] = (),
 ) -> Path:
-    """Write the pruned ``model`` (and tokenizer) with its plan to ``out_dir``, atomically."""
+    """Write the pruned ``model`` (and tokenizer, if any) with its plan to ``out_dir``, atomically.
+
+    ``overwrite`` replaces only an earlier cfsp output; ``protect`` names inputs that ``out_dir``
+    must not be (or contain). See ``cfsp.outdir`` for what happens on failure or a signal.
+    """
+    with StagedOutput(out_dir, overwrite, protect) as folder:
+        write_pruned(model, tokenizer, result, folder)
+    return Path(out_dir)
+
+
+def write_pruned(model: nn.Module, tokenizer, result: PruneResult | dict, folder: Path) -> None:
+    """The files of a pruned directory, written into an empty ``folder`` (a staging folder)."""
     plan = result.to_plan() if isinstance(result, PruneResult) else dict(result)
     base_class = type(model).__name__.removeprefix("Cfsp")
     plan["architecture"] = base_class
     plan["versions"] = _versions()
-    with atomic_directory(out_dir, overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / MODELING_FILE).write_text(modeling_source(base_class), encoding="utf-8")
-        config_path = tmp / "config.json"
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        config["architectures"] = [base_class]
-        config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.Cfsp{base_class}"}
-        config.pop("quantization_config", None)
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        (tmp / PLAN_FILE).write_text(json.dumps(plan, indent=1) + "\n", encoding="utf-8")
-    return Path(out_dir)
+    model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    (folder / MODELING_FILE).write_text(modeling_source(base_class), encoding="utf-8")
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["architectures"] = [base_class]
+    config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.Cfsp{base_class}"}
+    config.pop("quantization_config", None)
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (folder / PLAN_FILE).write_text(dumps(plan, indent=1), encoding="utf-8")
 
 
 def read_plan(path: str | os.PathLike) -> dict:
-    """The ``pruning_plan.json`` of a pruned directory."""
+    """The ``pruning_plan.json`` of a pruned directory, checked for the fields loading needs."""
     plan_path = Path(path).expanduser() / PLAN_FILE
     if not plan_path.is_file():
         raise CfspError(f"{path} is not a cfsp pruned directory (no {PLAN_FILE})")
-    return json.loads(plan_path.read_text(encoding="utf-8"))
+    try:
+        plan = json.loads(plan_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CfspError(f"{plan_path} is not valid JSON ({exc}); restore it from the original run") from None
+    check_plan(plan, plan_path)
+    return plan
+
+
+def check_plan(plan, where: str | os.PathLike = PLAN_FILE) -> None:
+    """One line naming the first problem of an invalid or incomplete plan."""
+
+    def bad(problem: str) -> CfspError:
+        return CfspError(f"{where}: {problem}; restore the file from the run that wrote it")
+
+    if not isinstance(plan, dict):
+        raise bad("expected a JSON object")
+    for key, kind in (("architecture", str), ("method", str), ("widths", list), ("kept_channels", list)):
+        if not isinstance(plan.get(key), kind):
+            raise bad(f"missing or invalid {key!r}")
+    widths, kept = plan["widths"], plan["kept_channels"]
+    original = plan.get("original_widths", widths)
+    if not isinstance(original, list) or not len(widths) == len(kept) == len(original):
+        raise bad("widths, original_widths and kept_channels must have one entry per block")
+    for block, (width, full, channels) in enumerate(zip(widths, original, kept, strict=True)):
+        if not (_is_int(width) and _is_int(full) and 0 < width <= full):
+            raise bad(f"block {block}: width {width!r} is not an integer in [1, {full!r}]")
+        if not isinstance(channels, list) or len(channels) != width or not all(map(_is_int, channels)):
+            raise bad(f"block {block}: kept_channels must be {width} channel indices")
+        if channels != sorted(set(channels)) or channels[0] < 0 or channels[-1] >= full:
+            raise bad(f"block {block}: kept_channels must be distinct, ascending and below {full}")
+    biases = plan.get("down_biases")
+    if biases is not None:
+        if not isinstance(biases, list) or len(biases) != len(widths):
+            raise bad("down_biases must have one entry per block")
+        for block, bias in enumerate(biases):
+            if not isinstance(bias, list) or not all(_is_finite_number(v) for v in bias):
+                raise bad(f"block {block}: down_biases must be finite numbers")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def load_pruned(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Load ``(model, tokenizer)`` from a pruned directory as the original model class, narrowed."""
+    """Load ``(model, tokenizer)`` from a pruned directory as the original model class, narrowed.
+
+    The tokenizer is None when the directory holds none (``save_pruned(model, None, ...)``).
+    """
     import transformers
 
     plan = read_plan(path)
@@ -128,16 +152,26 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype = torch.float32, dev
         raise CfspError(
             f"model class {plan['architecture']} is not available in transformers {transformers.__version__}"
         )
-    model = pruned_modeling.pruned_class(base).from_pretrained(path, dtype=dtype)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    with loading_errors(path):
+        model = pruned_modeling.pruned_class(base).from_pretrained(path, dtype=dtype)
     check_supported(model)
-    return model.to(device).eval(), tokenizer
+    if ffn_widths(model) != plan["widths"]:
+        raise CfspError(
+            f"{path}: config.json and {PLAN_FILE} disagree on the FFN widths; restore both from one run"
+        )
+    return model.to(device).eval(), load_tokenizer(path)
 
 
 def apply_plan(model: nn.Module, plan: dict | str | os.PathLike) -> nn.Module:
     """Prune an original model exactly as a saved plan says (kept channels and any bias)."""
     if not isinstance(plan, dict):
         plan = read_plan(plan)
+    check_plan(plan)
+    if ffn_widths(model) != plan.get("original_widths", ffn_widths(model)):
+        raise CfspError(
+            f"the plan was made for FFN widths {plan['original_widths'][:3]}..., this model has "
+            f"{ffn_widths(model)[:3]}...; apply it to the model it was made from"
+        )
     kept = [torch.tensor(k, dtype=torch.long) for k in plan["kept_channels"]]
     biases = plan.get("down_biases")
     if biases is not None:

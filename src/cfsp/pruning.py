@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -13,8 +15,10 @@ from cfsp.calibration import BlockStats, calibrate
 from cfsp.errors import CfspError
 from cfsp.methods import ALLOCATIONS, get_method, needs_calibration
 from cfsp.models import block_mlp, check_supported, count_parameters, decoder_blocks, ffn_widths
-from cfsp.scoring import BLOCK_METRICS, ChannelInputs, block_importance, channel_scores
+from cfsp.scoring import BLOCK_METRICS, CHANNEL_METRICS, ChannelInputs, block_importance, channel_scores
 from cfsp.surgery import apply_pruning, set_config_widths, slice_mlp
+
+log = logging.getLogger("cfsp")
 
 
 @dataclass
@@ -66,6 +70,7 @@ def prune(
     progress: bool = True,
     calibration: dict | None = None,
     stats: list[BlockStats] | None = None,
+    allow_inexact: bool = False,
 ) -> PruneResult:
     """Prune the FFN channels of ``model`` in place to a global FFN ``sparsity``.
 
@@ -76,31 +81,38 @@ def prune(
     reuses an earlier ``calibrate`` of the same dense model: every method scores dense activations,
     so one pass can serve several methods and sparsities. ``sequential`` re-chooses each block's
     channels on the activations of the already-pruned blocks before it (a second pass).
+    Widths that miss the target by more than ``SPARSITY_TOLERANCE`` (a multiple too coarse for the
+    FFN) are an error unless ``allow_inexact``, which only warns. Every option is checked before
+    any work, so a typo fails in a second, not after the calibration pass.
     """
     started = time.perf_counter()
-    spec = get_method(method)
-    defaults = {"channel_metric": spec.channel_metric, "bias_compensation": spec.bias_compensation}
-    if reference:
-        defaults.update(spec.reference_defaults)
-    channel_metric = channel_metric or defaults["channel_metric"]
-    allocation = allocation or spec.allocation
-    multiple = spec.multiple if multiple is None else int(multiple)
-    if bias_compensation is None:
-        bias_compensation = defaults["bias_compensation"]
-    _validate(sparsity, block_metric, allocation, multiple, rounding, temperature)
-    if reference:
-        rounding = "nearest"  # the reference rounds each block on its own
-    if sequential and (reference or calib is None):
-        raise CfspError(
-            "sequential pruning needs calibration windows and cannot be combined with --reference"
-        )
+    opts = resolve_options(
+        sparsity,
+        method=method,
+        block_metric=block_metric,
+        channel_metric=channel_metric,
+        allocation=allocation,
+        temperature=temperature,
+        b=b,
+        c=c,
+        multiple=multiple,
+        rounding=rounding,
+        bias_compensation=bias_compensation,
+        reference=reference,
+        sequential=sequential,
+        batch_size=batch_size,
+    )
+    channel_metric, allocation, multiple = opts["channel_metric"], opts["allocation"], opts["multiple"]
+    rounding, bias_compensation = opts["rounding"], opts["bias_compensation"]
+    if sequential and calib is None:
+        raise CfspError("sequential pruning needs calibration windows (pass calib / --calib-source)")
     check_supported(model)
     wants_stats = needs_calibration(channel_metric, allocation) or bias_compensation
     if wants_stats and calib is None and stats is None:
         raise CfspError(f"method {method!r} needs calibration windows (pass calib / --calib-source)")
-
     blocks = decoder_blocks(model)
     original = ffn_widths(model)
+    check_achievable(sparsity, original, multiple, rounding, allow_inexact)
     params_before = count_parameters(model)
     importance = None
     if wants_stats:
@@ -118,6 +130,7 @@ def prune(
         allocation, scores, importance, stats, sparsity, temperature, multiple, rounding, reference
     )
     kept = [k if k.numel() else s.argmax().view(1) for k, s in zip(kept, scores, strict=True)]
+    check_realised(sparsity, [k.numel() for k in kept], original, multiple, rounding, allow_inexact)
 
     if sequential:
         kept, biases = _sequential(
@@ -163,13 +176,42 @@ def prune(
     )
 
 
-def _validate(
-    sparsity: float, block_metric: str, allocation: str, multiple: int, rounding: str, temperature: float
-) -> None:
+def resolve_options(
+    sparsity: float,
+    *,
+    method: str = "cfsp",
+    block_metric: str = "angular",
+    channel_metric: str | None = None,
+    allocation: str | None = None,
+    temperature: float = alloc.DEFAULT_TEMPERATURE,
+    b: float = 1.0,
+    c: float = 1.0,
+    multiple: int | None = None,
+    rounding: str = "budget",
+    bias_compensation: bool | None = None,
+    reference: bool = False,
+    sequential: bool = False,
+    batch_size: int = 8,
+) -> dict:
+    """Fill in the method's defaults and check every option; the CLI calls this before loading a model."""
+    spec = get_method(method)
+    defaults = {"channel_metric": spec.channel_metric, "bias_compensation": spec.bias_compensation}
+    if reference:
+        defaults.update(spec.reference_defaults)
+    for name, value in (("sparsity", sparsity), ("temperature", temperature), ("b", b), ("c", c)):
+        if not isinstance(value, int | float) or not math.isfinite(value):
+            raise CfspError(f"{name} must be a finite number, got {value}")
     if not 0.0 < float(sparsity) < 1.0:
         raise CfspError(f"sparsity must be in (0, 1), got {sparsity}; e.g. 0.5 removes half the FFN channels")
+    channel_metric = channel_metric or defaults["channel_metric"]
+    allocation = allocation or spec.allocation
+    multiple = spec.multiple if multiple is None else int(multiple)
     if block_metric not in BLOCK_METRICS:
         raise CfspError(f"unknown block metric {block_metric!r}; choose one of {', '.join(BLOCK_METRICS)}")
+    if channel_metric not in CHANNEL_METRICS:
+        raise CfspError(
+            f"unknown channel metric {channel_metric!r}; choose one of {', '.join(CHANNEL_METRICS)}"
+        )
     if allocation not in ALLOCATIONS:
         raise CfspError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
     if multiple < 1:
@@ -178,6 +220,64 @@ def _validate(
         raise CfspError(f"unknown rounding {rounding!r}; choose one of {', '.join(alloc.ROUNDINGS)}")
     if temperature < 0:
         raise CfspError(f"temperature must be >= 0, got {temperature}")
+    if batch_size < 1:
+        raise CfspError(f"batch size must be >= 1, got {batch_size}")
+    if sequential and reference:
+        raise CfspError("--sequential cannot be combined with --reference (the reference has no such mode)")
+    return dict(
+        block_metric=block_metric,
+        channel_metric=channel_metric,
+        allocation=allocation,
+        multiple=multiple,
+        rounding="nearest" if reference else rounding,  # the reference rounds each block on its own
+        bias_compensation=defaults["bias_compensation"] if bias_compensation is None else bias_compensation,
+    )
+
+
+SPARSITY_TOLERANCE = 0.02  # realised FFN sparsity may always differ from the request by this much
+
+
+def sparsity_tolerance(full: list[int], multiple: int, rounding: str) -> float:
+    """How far rounding alone may move the realised sparsity: at least ``SPARSITY_TOLERANCE``.
+
+    ``nearest`` rounds every block by up to half a multiple, so its errors add up; ``budget`` keeps
+    the total within one multiple. A miss beyond that means the multiple is too coarse for the FFN.
+    """
+    steps = [min(multiple, d) for d in full]
+    reach = sum(steps) / 2 if rounding == "nearest" else max(steps)
+    return max(SPARSITY_TOLERANCE, reach / sum(full))
+
+
+def check_achievable(
+    sparsity: float, full: list[int], multiple: int, rounding: str, allow_inexact: bool
+) -> None:
+    """Before any work: can widths in multiples of ``multiple`` get near ``sparsity`` at all?"""
+    highest = 1.0 - sum(min(multiple, d) for d in full) / sum(full)
+    if sparsity > highest + sparsity_tolerance(full, multiple, rounding):
+        _inexact(
+            f"FFN sparsity {sparsity} is out of reach with widths in multiples of {multiple} (FFN widths "
+            f"{min(full)}-{max(full)}): the achievable range is 0.000-{highest:.3f}",
+            allow_inexact,
+        )
+
+
+def check_realised(
+    sparsity: float, widths: list[int], full: list[int], multiple: int, rounding: str, allow_inexact: bool
+) -> None:
+    """After allocation, before surgery: the widths must meet the request within the tolerance."""
+    realised = 1.0 - sum(widths) / sum(full)
+    if abs(realised - sparsity) > sparsity_tolerance(full, multiple, rounding):
+        _inexact(
+            f"the widths give FFN sparsity {realised:.3f}, not the requested {sparsity} (multiple "
+            f"{multiple}, FFN widths {min(full)}-{max(full)})",
+            allow_inexact,
+        )
+
+
+def _inexact(problem: str, allow_inexact: bool) -> None:
+    if not allow_inexact:
+        raise CfspError(f"{problem}; lower --multiple or pass --allow-inexact to accept it")
+    log.warning(f"{problem}; continuing because of --allow-inexact")
 
 
 def _allocate(

@@ -117,6 +117,12 @@ class RecoveryConfig:
         for name, value in positive.items():
             if value < 1:
                 raise CfspError(f"recovery {name} must be >= 1, got {value}")
+        numbers = {"lr": self.lr, "dropout": self.dropout, "weight_decay": self.weight_decay}
+        if self.alpha is not None:
+            numbers["alpha"] = self.alpha
+        for name, value in numbers.items():
+            if not math.isfinite(value):
+                raise CfspError(f"recovery {name} must be a finite number, got {value}")
         if self.min_rank > self.rank:
             raise CfspError(f"min_rank ({self.min_rank}) exceeds rank ({self.rank}); lower --min-rank")
         if self.allocation not in ("importance", "uniform"):
