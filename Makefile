@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-unit: $(STAMP)
-	$(PY) -m pytest -q -m "not integration"
+	$(PY) -m pytest -q -m "not integration and not cli"
 
 lint: $(STAMP)
 	.venv/bin/ruff check src tests benchmarks

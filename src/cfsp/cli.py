@@ -382,3 +382,7 @@ def recover(
         plan["recovery"] = result.summary()
         write_pruned(result.model, tokenizer, plan, folder)
     console.print(f"saved to [bold]{out}[/]")
+
+
+if __name__ == "__main__":
+    app()
