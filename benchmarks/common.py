@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ import cfsp
 from cfsp.bench import forward_pass_seconds, pruning_cost
 from cfsp.calibration import calibrate
 from cfsp.evaluation import perplexity
+from cfsp.outdir import dumps, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -75,8 +75,7 @@ def wikitext_ppl(model, tokenizer, windows: int, seqlen: int) -> float:
 
 
 def write_json(path: Path, payload) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    write_text_atomic(path, dumps(payload))
 
 
 def stamp() -> str:

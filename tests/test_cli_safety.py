@@ -112,9 +112,9 @@ def _bad_inputs(inputs: Path) -> dict[str, tuple[list[str], str]]:
         ),
         "sparsity outside (0, 1)": ([*prune, "--out", "o", "--sparsity", "1.2"], "sparsity must be in"),
         "batch size 0": ([*prune, "--out", "o", "--batch-size", "0"], "batch size must be >= 1"),
-        "temperature nan": ([*prune, "--out", "o", "--temperature", "nan"], "--temperature must be a finite"),
-        "c nan": ([*prune, "--out", "o", "--c", "nan"], "--c must be a finite"),
-        "sparsity inf": ([*prune, "--out", "o", "--sparsity", "inf"], "--sparsity must be a finite"),
+        "temperature nan": ([*prune, "--out", "o", "--temperature", "nan"], "temperature must be a finite"),
+        "c nan": ([*prune, "--out", "o", "--c", "nan"], "c must be a finite"),
+        "sparsity inf": ([*prune, "--out", "o", "--sparsity", "inf"], "sparsity must be a finite"),
         "unknown channel metric": (
             [*prune, "--out", "o", "--channel-metric", "foo"],
             "unknown channel metric",
@@ -146,7 +146,7 @@ def _bad_inputs(inputs: Path) -> dict[str, tuple[list[str], str]]:
         "eval output is a directory": (["eval", f"{i}/tiny", "--output", "mine"], "is a directory"),
         "recover lr nan": (
             ["recover", f"{i}/pruned", "--out", "r", "--lr", "nan", "--data", f"{i}/corpus.txt"],
-            "--lr must be a finite",
+            "lr must be a finite",
         ),
         "recover into its input": (
             ["recover", f"{i}/pruned", "--out", f"{i}/pruned", "--overwrite", "--data", f"{i}/corpus.txt"],

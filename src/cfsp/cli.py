@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import signal
 from pathlib import Path
 from typing import Annotated
@@ -70,13 +69,6 @@ def friendly_errors(command):
             raise _fail(f"stopped by {name}; nothing was written", 128 + exc.signum) from None
 
     return wrapper
-
-
-def _finite(**values: float) -> None:
-    """NaN and inf pass typer's float parsing; no option of cfsp accepts them."""
-    for name, value in values.items():
-        if value is not None and not math.isfinite(value):
-            raise CfspError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
 
 
 def summary_table(result) -> Table:
@@ -167,7 +159,6 @@ def prune(
     from cfsp.outdir import StagedOutput
     from cfsp.pruning import resolve_options
 
-    _finite(sparsity=sparsity, temperature=temperature, b=b, c=c)
     options = dict(
         method=method,
         block_metric=block_metric,
@@ -332,7 +323,6 @@ def recover(
     from cfsp.outdir import StagedOutput
     from cfsp.recovery import RecoveryConfig, resolve_recovery_source
 
-    _finite(lr=lr)
     config = RecoveryConfig(
         rank=rank,
         allocation=allocation,

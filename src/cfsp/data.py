@@ -64,16 +64,23 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
             yield row
 
 
-def text_source_path(source: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
-    """The file behind a named text source or a user path; fails (one line) if there is none."""
+def named_file(
+    source: str | os.PathLike, names: dict[str, str], what: str, root: str | os.PathLike | None = None
+) -> Path:
+    """A named file in the data directory (``names``: name -> relative path), or a user file."""
     name = str(source)
-    if name in TEXT_SOURCES:
-        return data_file(TEXT_SOURCES[name], root)
+    if name in names:
+        return data_file(names[name], root)
     path = Path(name).expanduser()
     if not path.is_file():
-        known = ", ".join(sorted(TEXT_SOURCES))
-        raise CfspError(f"text source {name!r} is neither a known name ({known}) nor an existing file")
+        known = ", ".join(sorted(names))
+        raise CfspError(f"{what} {name!r} is neither a known name ({known}) nor an existing file")
     return path
+
+
+def text_source_path(source: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
+    """The file behind a named text source or a user path; fails (one line) if there is none."""
+    return named_file(source, TEXT_SOURCES, "text source", root)
 
 
 def check_windows(n: int, length: int) -> None:

@@ -42,8 +42,9 @@ import torch
 from torch import nn
 
 from cfsp import models
-from cfsp.data import data_file, read_jsonl
+from cfsp.data import named_file, read_jsonl
 from cfsp.errors import CfspError
+from cfsp.outdir import StagedOutput, check_output
 
 DEFAULT_TARGETS: tuple[str, ...] = (
     "q_proj",
@@ -427,13 +428,7 @@ class RecoveryDataset(torch.utils.data.Dataset):
 
 def resolve_recovery_source(source: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
     """A named recovery set (``gpteacher_roleplay``, ...) in the data directory, or a user file."""
-    name = str(source)
-    if name in RECOVERY_SOURCES:
-        return data_file(RECOVERY_SOURCES[name], root)
-    path = Path(name).expanduser()
-    if not path.is_file():
-        known = ", ".join(sorted(RECOVERY_SOURCES))
-        raise CfspError(f"recovery data {name!r} is neither a known name ({known}) nor an existing file")
+    path = named_file(source, RECOVERY_SOURCES, "recovery data", root)
     if path.suffix not in (".jsonl", ".txt"):
         raise CfspError(f"recovery data {path} must be a .jsonl or .txt file")
     return path
@@ -715,6 +710,8 @@ def recover(
     from transformers import Trainer, set_seed
 
     config = config or RecoveryConfig()
+    if save_adapter is not None:
+        check_output(save_adapter)
     ranks, budget = plan_ranks(model, block_importance, config)  # cheap checks before tokenizing
     checkpoint = resume_checkpoint(output_dir, resume)
     if checkpoint is not None:
@@ -740,7 +737,8 @@ def recover(
     )
     output = trainer.train(resume_from_checkpoint=checkpoint)
     if save_adapter is not None:
-        peft_model.save_pretrained(str(save_adapter))
+        with StagedOutput(save_adapter) as folder:
+            peft_model.save_pretrained(str(folder))
     history = list(trainer.state.log_history)
     losses = [entry["loss"] for entry in history if "loss" in entry]
     merged = merge_lora(peft_model)
