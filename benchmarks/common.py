@@ -41,16 +41,24 @@ def add_protocol_arguments(parser) -> None:
     parser.add_argument("--limit", type=int, default=20, help="examples per zero-shot task (first N)")
 
 
-def prepare(name: str, nsamples: int, seqlen: int, seed: int = 0, time_forward: bool = True) -> DenseSetup:
+def prepare(
+    name: str,
+    nsamples: int,
+    seqlen: int,
+    seed: int = 0,
+    time_forward: bool = True,
+    second_moments: bool = False,
+) -> DenseSetup:
     """Load ``name``, draw WikiText-2 validation windows, run the one calibration pass and time it.
 
     ``time_forward`` also times one plain forward pass of the same windows, the yardstick of the
-    pruning cost; searches that only compare perplexities skip it.
+    pruning cost; searches that only compare perplexities skip it. ``second_moments`` records the
+    Gram matrices the refit compensation needs.
     """
     model, tokenizer = cfsp.load_model(name)
     calib = cfsp.calibration_windows(tokenizer, n=nsamples, length=seqlen, seed=seed)
     forward = forward_pass_seconds(model, calib, batch_size=8) if time_forward else float("nan")
-    stats, cost = pruning_cost(calibrate, model, calib, 8, None, False)
+    stats, cost = pruning_cost(calibrate, model, calib, 8, None, False, second_moments)
     return DenseSetup(
         name=name,
         model=model,

@@ -39,6 +39,8 @@ class BlockStats:
     window_sum: list[torch.Tensor] = field(default_factory=list)  # per window: [D] sum of x_j
     window_sum_sq: list[torch.Tensor] = field(default_factory=list)  # per window: [D] sum of x_j^2
     window_tokens: list[int] = field(default_factory=list)
+    gram: torch.Tensor | None = None  # [D, D] sum over tokens of x x^T, only with second_moments
+    second_moments: bool = False
 
     def add_channels(self, act: torch.Tensor) -> None:
         """Record intermediate activations ``act`` [batch, seq, D]; one window per batch row."""
@@ -50,6 +52,9 @@ class BlockStats:
             self.sum_sq = torch.zeros_like(self.sum)
         self.sum += per_window_sum.sum(0)
         self.sum_sq += per_window_sq.sum(0)
+        if self.second_moments:
+            flat = act.flatten(0, -2)
+            self.gram = flat.T @ flat if self.gram is None else self.gram.addmm_(flat.T, flat)
         self.window_sum.extend(per_window_sum.unbind(0))
         self.window_sum_sq.extend(per_window_sq.unbind(0))
         self.window_tokens.extend([act.shape[1]] * act.shape[0])
@@ -122,11 +127,14 @@ def calibrate(
     batch_size: int = 8,
     after_block: Callable[[int, BlockStats], bool] | None = None,
     progress: bool = True,
+    second_moments: bool = False,
 ) -> list[BlockStats]:
     """One forward pass per block over ``windows`` [N, L]; returns one ``BlockStats`` per block.
 
     ``after_block(index, stats)`` may modify the block (sequential pruning); if it returns True the
-    block's outputs are recomputed so later blocks see the modified block.
+    block's outputs are recomputed so later blocks see the modified block. ``second_moments``
+    also records each block's D x D Gram matrix of the down_proj input (for the refit; D^2 x 8 bytes
+    per block, kept until the caller drops the stats).
     """
     if windows.ndim != 2 or windows.numel() == 0:
         raise CfspError(
@@ -139,7 +147,7 @@ def calibrate(
     bar = tqdm(total=len(blocks), desc="calibrating blocks", unit="block", disable=not progress)
     with torch.inference_mode():
         for index, block in enumerate(blocks):
-            stats = BlockStats()
+            stats = BlockStats(second_moments=second_moments)
             hook = block_mlp(block).down_proj.register_forward_pre_hook(
                 lambda _module, args, stats=stats: stats.add_channels(args[0])
             )

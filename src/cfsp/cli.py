@@ -134,6 +134,13 @@ def prune(
             help="Add the pruned channels' mean output to down_proj's bias (FLAP's default).",
         ),
     ] = None,
+    compensation: Annotated[
+        str | None,
+        typer.Option(help="none, mean (pruned channels' mean output in the bias) or refit (least squares)."),
+    ] = None,
+    refit_damping: Annotated[
+        float, typer.Option(help="Ridge damping of the refit, relative to the mean activation variance.")
+    ] = 0.01,
     reference: Annotated[
         bool, typer.Option("--reference", help="Use the reference implementation's numerics.")
     ] = False,
@@ -170,12 +177,14 @@ def prune(
         multiple=multiple,
         rounding=rounding,
         bias_compensation=bias_compensation,
+        compensation=compensation,
+        refit_damping=refit_damping,
         reference=reference,
         sequential=sequential,
         batch_size=batch_size,
     )
     resolved = resolve_options(sparsity, **options)
-    calibrated = resolved["bias_compensation"] or needs_calibration(
+    calibrated = resolved["compensation"] != "none" or needs_calibration(
         resolved["channel_metric"], resolved["allocation"]
     )
     if calibrated:

@@ -12,6 +12,7 @@ from torch import nn
 
 from cfsp import allocation as alloc
 from cfsp.calibration import BlockStats, calibrate
+from cfsp.compensation import COMPENSATIONS, DEFAULT_DAMPING, compensate
 from cfsp.errors import CfspError
 from cfsp.methods import ALLOCATIONS, get_method, needs_calibration
 from cfsp.models import block_mlp, check_supported, count_parameters, decoder_blocks, ffn_widths
@@ -64,6 +65,8 @@ def prune(
     multiple: int | None = None,
     rounding: str = "budget",
     bias_compensation: bool | None = None,
+    compensation: str | None = None,
+    refit_damping: float = DEFAULT_DAMPING,
     reference: bool = False,
     sequential: bool = False,
     batch_size: int = 8,
@@ -74,8 +77,10 @@ def prune(
 ) -> PruneResult:
     """Prune the FFN channels of ``model`` in place to a global FFN ``sparsity``.
 
-    ``channel_metric``, ``allocation``, ``multiple`` and ``bias_compensation`` (FLAP's mean
-    compensation in down_proj's bias) default to the method's own; ``rounding`` says how widths
+    ``channel_metric``, ``allocation``, ``multiple`` and ``compensation`` default to the method's
+    own; ``compensation`` is ``none``, ``mean`` (FLAP's mean output of the pruned channels in
+    down_proj's bias; ``bias_compensation=True`` is the older spelling) or ``refit`` (ridge least
+    squares of down_proj on the kept channels, damped by ``refit_damping``; see ``compensation.py``); ``rounding`` says how widths
     meet the multiple (``budget``: the total hits the target; ``nearest``: per block); ``reference``
     switches every deliberate deviation back to the reference implementation's numerics. ``stats``
     reuses an earlier ``calibrate`` of the same dense model: every method scores dense activations,
@@ -98,16 +103,19 @@ def prune(
         multiple=multiple,
         rounding=rounding,
         bias_compensation=bias_compensation,
+        compensation=compensation,
+        refit_damping=refit_damping,
         reference=reference,
         sequential=sequential,
         batch_size=batch_size,
     )
     channel_metric, allocation, multiple = opts["channel_metric"], opts["allocation"], opts["multiple"]
-    rounding, bias_compensation = opts["rounding"], opts["bias_compensation"]
+    rounding, compensation = opts["rounding"], opts["compensation"]
+    refit = compensation == "refit"
     if sequential and calib is None:
         raise CfspError("sequential pruning needs calibration windows (pass calib / --calib-source)")
     check_supported(model)
-    wants_stats = needs_calibration(channel_metric, allocation) or bias_compensation
+    wants_stats = needs_calibration(channel_metric, allocation) or compensation != "none"
     if wants_stats and calib is None and stats is None:
         raise CfspError(f"method {method!r} needs calibration windows (pass calib / --calib-source)")
     blocks = decoder_blocks(model)
@@ -117,7 +125,13 @@ def prune(
     importance = None
     if wants_stats:
         if stats is None:
-            stats = calibrate(model, calib, batch_size=batch_size, progress=progress)
+            stats = calibrate(
+                model,
+                calib,
+                batch_size=batch_size,
+                progress=progress,
+                second_moments=refit and not sequential,
+            )
         importance = block_importance(stats, block_metric)
     else:
         stats = [None] * len(blocks)  # e.g. Magnitude-SP: weights only
@@ -134,16 +148,16 @@ def prune(
 
     if sequential:
         kept, biases = _sequential(
-            model, calib, kept, channel_metric, b, c, bias_compensation, batch_size, progress
+            model, calib, kept, channel_metric, b, c, compensation, refit_damping, batch_size, progress
         )
     else:
-        biases = None
-        if bias_compensation:
-            biases = [
-                _compensation_bias(block_mlp(blk), k, s)
-                for blk, k, s in zip(blocks, kept, stats, strict=True)
-            ]
-        apply_pruning(model, kept, biases)
+        fixes = [
+            compensate(compensation, block_mlp(blk).down_proj.weight, k, s, refit_damping)
+            for blk, k, s in zip(blocks, kept, stats, strict=True)
+        ]
+        biases = [f.bias for f in fixes] if compensation != "none" else None
+        weights = [f.weight for f in fixes] if refit else None
+        apply_pruning(model, kept, biases, weights)
     widths = [int(k.numel()) for k in kept]
     options = dict(
         block_metric=block_metric,
@@ -154,7 +168,9 @@ def prune(
         c=c,
         multiple=multiple,
         rounding=rounding,
-        bias_compensation=bias_compensation,
+        bias_compensation=compensation != "none",
+        compensation=compensation,
+        refit_damping=refit_damping if refit else None,
         reference=reference,
         sequential=sequential,
     )
@@ -189,6 +205,8 @@ def resolve_options(
     multiple: int | None = None,
     rounding: str = "budget",
     bias_compensation: bool | None = None,
+    compensation: str | None = None,
+    refit_damping: float = DEFAULT_DAMPING,
     reference: bool = False,
     sequential: bool = False,
     batch_size: int = 8,
@@ -198,7 +216,8 @@ def resolve_options(
     defaults = {"channel_metric": spec.channel_metric, "bias_compensation": spec.bias_compensation}
     if reference:
         defaults.update(spec.reference_defaults)
-    for name, value in (("sparsity", sparsity), ("temperature", temperature), ("b", b), ("c", c)):
+    numbers = (("sparsity", sparsity), ("temperature", temperature), ("b", b), ("c", c))
+    for name, value in (*numbers, ("refit_damping", refit_damping)):
         if not isinstance(value, int | float) or not math.isfinite(value):
             raise CfspError(f"{name} must be a finite number, got {value}")
     if not 0.0 < float(sparsity) < 1.0:
@@ -222,6 +241,13 @@ def resolve_options(
         raise CfspError(f"temperature must be >= 0, got {temperature}")
     if batch_size < 1:
         raise CfspError(f"batch size must be >= 1, got {batch_size}")
+    if compensation is None:
+        mean = defaults["bias_compensation"] if bias_compensation is None else bias_compensation
+        compensation = "mean" if mean else "none"
+    if compensation not in COMPENSATIONS:
+        raise CfspError(f"unknown compensation {compensation!r}; choose one of {', '.join(COMPENSATIONS)}")
+    if refit_damping < 0:
+        raise CfspError(f"refit damping must be >= 0, got {refit_damping}")
     if sequential and reference:
         raise CfspError("--sequential cannot be combined with --reference (the reference has no such mode)")
     return dict(
@@ -230,7 +256,7 @@ def resolve_options(
         allocation=allocation,
         multiple=multiple,
         rounding="nearest" if reference else rounding,  # the reference rounds each block on its own
-        bias_compensation=defaults["bias_compensation"] if bias_compensation is None else bias_compensation,
+        compensation=compensation,
     )
 
 
@@ -334,15 +360,6 @@ def _block_scores(
     return channel_scores(metric, inputs).cpu()
 
 
-def _compensation_bias(mlp: nn.Module, kept: torch.Tensor, stats: BlockStats) -> torch.Tensor:
-    """FLAP: ``W_down[:, pruned] @ mean[pruned]`` keeps the pruned channels' average contribution."""
-    down = mlp.down_proj.weight.detach().double()
-    mean = (stats.sum / stats.tokens).to(down.device)
-    pruned = torch.ones(down.shape[1], dtype=torch.bool, device=down.device)
-    pruned[kept.to(down.device)] = False
-    return down[:, pruned] @ mean[pruned]
-
-
 def _sequential(
     model: nn.Module,
     calib: torch.Tensor,
@@ -350,30 +367,40 @@ def _sequential(
     metric: str,
     b: float,
     c: float,
-    bias_compensation: bool,
+    compensation: str,
+    damping: float,
     batch_size: int,
     progress: bool,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Re-choose each block's channels on the activations of the already-pruned blocks before it.
 
     Widths stay as decided from the dense pass (allocation needs every block's importance first);
-    only which channels fill them, and the compensation bias, follow the pruned model's own
+    only which channels fill them, and the compensation, follow the pruned model's own
     activations, so later blocks adapt to the error the earlier ones introduced.
     """
     widths = [k.numel() for k in decided]
-    with_bias = bias_compensation or bool(getattr(model.config, "mlp_bias", False))
+    compensated = compensation != "none"
+    with_bias = compensated or bool(getattr(model.config, "mlp_bias", False))
     kept: list[torch.Tensor] = list(decided)
-    biases: list[torch.Tensor] | None = [] if bias_compensation else None
+    biases: list[torch.Tensor] | None = [] if compensated else None
 
     def prune_block(index: int, stats: BlockStats) -> bool:
         mlp = block_mlp(decoder_blocks(model)[index])
         kept[index] = alloc.top_channels(_block_scores(mlp, stats, metric, b, c, False), widths[index])
-        bias = _compensation_bias(mlp, kept[index], stats) if bias_compensation else None
+        fix = compensate(compensation, mlp.down_proj.weight, kept[index], stats, damping)
         if biases is not None:
-            biases.append(bias)
-        slice_mlp(mlp, kept[index], bias, with_bias=with_bias)
+            biases.append(fix.bias)
+        stats.gram = None  # D x D: free it as soon as the block is done
+        slice_mlp(mlp, kept[index], fix.bias, with_bias=with_bias, down_weight=fix.weight)
         return True
 
-    calibrate(model, calib, batch_size=batch_size, after_block=prune_block, progress=progress)
+    calibrate(
+        model,
+        calib,
+        batch_size=batch_size,
+        after_block=prune_block,
+        progress=progress,
+        second_moments=compensation == "refit",
+    )
     set_config_widths(model.config, widths, with_bias)
     return kept, biases

@@ -25,12 +25,17 @@ def _sliced_linear(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def slice_mlp(
-    mlp: nn.Module, kept: torch.Tensor, down_bias: torch.Tensor | None = None, with_bias: bool = False
+    mlp: nn.Module,
+    kept: torch.Tensor,
+    down_bias: torch.Tensor | None = None,
+    with_bias: bool = False,
+    down_weight: torch.Tensor | None = None,
 ):
     """Keep rows ``kept`` of gate/up and the same columns of down.
 
     ``with_bias`` gives every projection a bias (zeros where there was none) so that the saved
-    config can say ``mlp_bias: true``; ``down_bias`` is added to down_proj's bias.
+    config can say ``mlp_bias: true``; ``down_bias`` is added to down_proj's bias; ``down_weight``
+    [H, len(kept)] replaces the kept columns of down (a refit).
     """
     kept = kept.to(mlp.down_proj.weight.device)
 
@@ -49,7 +54,10 @@ def slice_mlp(
         new_down_bias = extra if new_down_bias is None else new_down_bias + extra
     mlp.gate_proj = _sliced_linear(gate, gate.weight.detach()[kept], bias_of(gate, kept))
     mlp.up_proj = _sliced_linear(up, up.weight.detach()[kept], bias_of(up, kept))
-    mlp.down_proj = _sliced_linear(down, down.weight.detach()[:, kept], new_down_bias)
+    if down_weight is None:
+        down_weight = down.weight.detach()[:, kept]
+    down_weight = down_weight.to(device=down.weight.device, dtype=down.weight.dtype)
+    mlp.down_proj = _sliced_linear(down, down_weight, new_down_bias)
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = int(kept.numel())
 
@@ -69,11 +77,13 @@ def apply_pruning(
     model: nn.Module,
     kept_channels: list[torch.Tensor],
     down_biases: list[torch.Tensor] | None = None,
+    down_weights: list[torch.Tensor] | None = None,
 ) -> None:
-    """Slice every block to its kept channels and update the config to match."""
+    """Slice every block to its kept channels (and any refit down weights); update the config."""
     blocks = decoder_blocks(model)
     with_bias = down_biases is not None or bool(getattr(model.config, "mlp_bias", False))
     for index, (block, kept) in enumerate(zip(blocks, kept_channels, strict=True)):
         bias = down_biases[index] if down_biases is not None else None
-        slice_mlp(block_mlp(block), kept, bias, with_bias=with_bias)
+        weight = down_weights[index] if down_weights is not None else None
+        slice_mlp(block_mlp(block), kept, bias, with_bias=with_bias, down_weight=weight)
     set_config_widths(model.config, [int(k.numel()) for k in kept_channels], with_bias)

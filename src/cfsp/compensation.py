@@ -1,0 +1,72 @@
+"""What replaces the removed channels' contribution to a block's output.
+
+``none`` drops it. ``mean`` (FLAP's bias) adds the pruned channels' average output to down_proj's
+bias. ``refit`` re-solves down_proj on the kept channels by ridge least squares so that the pruned
+block reproduces the dense block's output on the calibration tokens as well as a linear map can:
+
+    W_K', c = argmin E || W x - (W_K' x_K + c) ||^2 + lam ||W_K'||^2
+
+With mean ``mu`` and centred covariance ``C`` of the down_proj input ``x`` (from the calibration
+pass), ``W_K' = W C[:, K] (C[K, K] + lam I)^-1`` and ``c = W mu - W_K' mu_K``. ``lam`` is
+``damping`` times the mean diagonal of ``C[K, K]`` (as GPTQ's percdamp). Keeping ``W_K' = W_K``
+gives ``c = W_P mu_P``: mean compensation is the refit that refits nothing but the bias.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cfsp.calibration import BlockStats
+from cfsp.errors import CfspError
+
+COMPENSATIONS = ("none", "mean", "refit")
+DEFAULT_DAMPING = 0.01
+
+
+@dataclass
+class Compensation:
+    """The new down_proj pieces of one block: a replacement weight [H, k] and a bias to add [H]."""
+
+    weight: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+
+
+def compensate(
+    rule: str, down: torch.Tensor, kept: torch.Tensor, stats: BlockStats | None, damping: float
+) -> Compensation:
+    """Apply ``rule`` to one block; ``down`` is the dense down_proj weight [H, D]."""
+    if rule == "none":
+        return Compensation()
+    if stats is None or stats.sum is None:
+        raise CfspError(f"compensation {rule!r} needs calibration statistics")
+    down = down.detach().double()
+    mean = (stats.sum / stats.tokens).to(down.device)
+    kept = kept.to(down.device)
+    if rule == "mean":
+        pruned = torch.ones(down.shape[1], dtype=torch.bool, device=down.device)
+        pruned[kept] = False
+        return Compensation(bias=down[:, pruned] @ mean[pruned])
+    if rule == "refit":
+        if stats.gram is None:
+            raise CfspError("compensation 'refit' needs second moments: calibrate with second_moments=True")
+        weight = refit_weight(down, kept, stats, damping)
+        return Compensation(weight=weight, bias=down @ mean - weight @ mean[kept])
+    raise CfspError(f"unknown compensation {rule!r}; choose one of {', '.join(COMPENSATIONS)}")
+
+
+def centred_covariance(stats: BlockStats) -> torch.Tensor:
+    """``E[x x^T] - mu mu^T`` of the down_proj input over the calibration tokens (float64)."""
+    mean = stats.sum / stats.tokens
+    return stats.gram / stats.tokens - torch.outer(mean, mean)
+
+
+def refit_weight(down: torch.Tensor, kept: torch.Tensor, stats: BlockStats, damping: float) -> torch.Tensor:
+    """Ridge least-squares down_proj on the kept channels: ``W C[:, K] (C[K, K] + lam I)^-1``."""
+    cov = centred_covariance(stats).to(down.device)
+    cov_kk = cov[kept][:, kept]
+    lam = damping * cov_kk.diagonal().mean().clamp_min(1e-12)
+    system = cov_kk + lam * torch.eye(kept.numel(), dtype=cov.dtype, device=cov.device)
+    rhs = (down @ cov[:, kept]).T  # [k, H]
+    return torch.linalg.solve(system, rhs).T
