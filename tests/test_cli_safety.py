@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_byte_tokenizer, make_tiny_model
 
 pytestmark = pytest.mark.cli
@@ -96,7 +97,7 @@ def _bad_inputs(inputs: Path) -> dict[str, tuple[list[str], str]]:
     i = str(inputs)
     model = ["--model", f"{i}/tiny", *[a.replace("corpus.txt", f"{i}/corpus.txt") for a in FAST]]
     prune = ["prune", *model]
-    return {
+    cases = {
         "out is the current directory": ([*prune, "--out", ".", "--overwrite"], "current directory"),
         "out is a parent of the cwd": ([*prune, "--out", "..", "--overwrite"], "current directory"),
         "out is the input model": ([*prune, "--out", f"{i}/tiny", "--overwrite"], "the input"),
@@ -164,7 +165,15 @@ def _bad_inputs(inputs: Path) -> dict[str, tuple[list[str], str]]:
             ["bench", f"{i}/qwen", f"{i}/pruned", "--batch-sizes", "1", "--prompt-lengths", "8"],
             "differ in model_type",
         ),
+        "unknown device": ([*prune, "--out", "o", "--device", "tpu"], "device"),
+        "unknown dtype": (["eval", f"{i}/tiny", "--dtype", "float8"], "unknown dtype"),
     }
+    if not torch.cuda.is_available():
+        cases["gpu asked for on a machine without one"] = (
+            [*prune, "--out", "o", "--device", "cuda"],
+            "no CUDA GPU",
+        )
+    return cases
 
 
 def test_every_bad_input_is_one_line_exit_2_and_writes_nothing(inputs, tmp_path):
@@ -197,7 +206,7 @@ def test_overwrite_replaces_only_cfsp_output_and_respects_the_umask(inputs, tmp_
     assert first.returncode == 0, first.stderr
     out = tmp_path / "nested" / "out"
     assert out.stat().st_mode & 0o777 == 0o750
-    assert (out / "config.json").stat().st_mode & 0o777 == 0o640
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == {p.name: 0o640 for p in out.iterdir()}
     (out / "stale.txt").write_text("from before")
     again = run([*args, "--out", "nested/out", "--overwrite"], tmp_path)
     assert again.returncode == 0, again.stderr

@@ -151,7 +151,19 @@ def prune(
         bool,
         typer.Option("--allow-inexact", help="Warn instead of failing when the widths miss the sparsity."),
     ] = False,
-    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+    stream: Annotated[
+        bool,
+        typer.Option(
+            "--stream/--no-stream",
+            help="For a safetensors directory: read one block at a time (bounded memory) or load it whole.",
+        ),
+    ] = True,
+    dtype: Annotated[
+        str, typer.Option(help="auto (bfloat16 on a GPU, float32 on CPU), float32 or bfloat16.")
+    ] = "auto",
+    device: Annotated[
+        str, typer.Option(help="auto (the first GPU if any), cpu, cuda, cuda:N or mps.")
+    ] = "auto",
     batch_size: Annotated[int, typer.Option(help="Windows per forward batch during calibration.")] = 8,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an earlier cfsp output directory.")
@@ -163,8 +175,10 @@ def prune(
     from cfsp.data import check_windows, describe_windows, text_source_path
     from cfsp.io import write_pruned
     from cfsp.methods import needs_calibration
+    from cfsp.models import load_tokenizer, resolve_device, resolve_dtype
     from cfsp.outdir import StagedOutput
     from cfsp.pruning import resolve_options
+    from cfsp.streaming import check_streamable, is_streamable, stream_into
 
     options = dict(
         method=method,
@@ -184,27 +198,40 @@ def prune(
         batch_size=batch_size,
     )
     resolved = resolve_options(sparsity, **options)
+    resolve_dtype(dtype, resolve_device(device))
     calibrated = resolved["compensation"] != "none" or needs_calibration(
         resolved["channel_metric"], resolved["allocation"]
     )
     if calibrated:
         check_windows(nsamples, seqlen)
         text_source_path(calib_source, data_dir)
+    streamed = stream and is_streamable(model)
+    if streamed:
+        check_streamable(Path(model), resolved)
     with StagedOutput(out, overwrite, protect=[model]) as folder:
-        console.print(f"loading [bold]{model}[/] ...")
-        net, tokenizer = cfsp.load_model(model, dtype=dtype)
+        if streamed:
+            console.print(f"streaming [bold]{model}[/] block by block ...")
+            net, tokenizer = None, load_tokenizer(model)
+        else:
+            console.print(f"loading [bold]{model}[/] ...")
+            net, tokenizer = cfsp.load_model(model, dtype=dtype, device=device)
         calib = calibration = None
         if calibrated:
             calib = cfsp.calibration_windows(
                 tokenizer, source=calib_source, n=nsamples, length=seqlen, seed=seed, data_dir=data_dir
             )
             calibration = describe_windows(calib_source, nsamples, seqlen, seed)
-        result, cost = pruning_cost(
-            cfsp.prune, net, calib, sparsity, calibration=calibration, allow_inexact=allow_inexact, **options
-        )
+        settings = dict(calibration=calibration, allow_inexact=allow_inexact, **options)
+        if streamed:
+            result, cost = pruning_cost(
+                stream_into, Path(model), calib, sparsity, folder, device=device, dtype=dtype, **settings
+            )
+        else:
+            result, cost = pruning_cost(cfsp.prune, net, calib, sparsity, **settings)
         console.print(summary_table(result))
         console.print(totals_table(result, cost))
-        write_pruned(net, tokenizer, result, folder)
+        if not streamed:
+            write_pruned(net, tokenizer, result, folder)
     console.print(f"saved to [bold]{out}[/]")
 
 
@@ -230,6 +257,29 @@ def _write_json(path: Path | None, payload: dict) -> None:
     console.print(f"wrote [bold]{path}[/]")
 
 
+@app.command()
+@friendly_errors
+def convert(
+    model: Annotated[str, typer.Argument(help="Named default, .gguf file or HF directory.")],
+    out: Annotated[Path, typer.Option(help="Where to write the safetensors directory.")],
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+) -> None:
+    """Write a model as a plain safetensors directory, once, so that `cfsp prune` can stream it."""
+    import torch
+
+    import cfsp
+    from cfsp.models import resolve_dtype
+    from cfsp.outdir import StagedOutput
+
+    resolve_dtype(dtype, torch.device("cpu"))
+    with StagedOutput(out, protect=[model]) as folder:
+        net, tokenizer = cfsp.load_model(model, dtype=dtype, device="cpu")
+        net.save_pretrained(folder, safe_serialization=True, max_shard_size="2GB")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+    console.print(f"wrote [bold]{out}[/]; prune it with: cfsp prune --model {out} --out ...")
+
+
 @app.command("eval")
 @friendly_errors
 def eval_command(
@@ -241,18 +291,25 @@ def eval_command(
     seqlen: Annotated[int, typer.Option(help="Perplexity window length.")] = 1024,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 1,
     data_dir: Annotated[Path | None, typer.Option(help="Data directory.")] = None,
-    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+    dtype: Annotated[
+        str, typer.Option(help="auto (bfloat16 on a GPU, float32 on CPU), float32 or bfloat16.")
+    ] = "auto",
+    device: Annotated[
+        str, typer.Option(help="auto (the first GPU if any), cpu, cuda, cuda:N or mps.")
+    ] = "auto",
     output: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
 ) -> None:
     """WikiText-2 perplexity and zero-shot accuracy from the local data files."""
     import cfsp
     from cfsp.evaluation import format_results_table, plan_tasks
+    from cfsp.models import resolve_device, resolve_dtype
     from cfsp.outdir import check_report_path
 
     names = _csv("tasks", tasks)
     plan_tasks(names, limit, seqlen, batch_size, data_dir)
+    resolve_dtype(dtype, resolve_device(device))
     check_report_path(output)
-    net, tokenizer = cfsp.load_model(model, dtype=dtype)
+    net, tokenizer = cfsp.load_model(model, dtype=dtype, device=device)
     results = cfsp.evaluate(
         net, tokenizer, tasks=names, limit=limit, seqlen=seqlen, data_dir=data_dir, batch_size=batch_size
     )
@@ -270,19 +327,26 @@ def bench(
     prompt_lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths.")] = "128,512",
     decode_tokens: Annotated[int, typer.Option(help="Tokens generated per decode measurement.")] = 32,
     repeats: Annotated[int, typer.Option(help="Measurements per model and setting (median).")] = 3,
-    dtype: Annotated[str, typer.Option(help="float32 or bfloat16.")] = "float32",
+    dtype: Annotated[
+        str, typer.Option(help="auto (bfloat16 on a GPU, float32 on CPU), float32 or bfloat16.")
+    ] = "auto",
+    device: Annotated[
+        str, typer.Option(help="auto (the first GPU if any), cpu, cuda, cuda:N or mps.")
+    ] = "auto",
     output: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
 ) -> None:
     """Prefill / decode throughput of a pruned model against its dense original, side by side."""
     import cfsp
     from cfsp.bench import check_bench_settings, format_bench_table, size_on_disk
+    from cfsp.models import resolve_device, resolve_dtype
     from cfsp.outdir import check_report_path
 
     sizes, lengths = _csv("batch-sizes", batch_sizes, int), _csv("prompt-lengths", prompt_lengths, int)
     check_bench_settings(sizes, lengths, decode_tokens, repeats)
+    resolve_dtype(dtype, resolve_device(device))
     check_report_path(output)
-    dense_model, tokenizer = cfsp.load_model(dense, dtype=dtype)
-    pruned_model, _ = cfsp.load_model(pruned, dtype=dtype)
+    dense_model, tokenizer = cfsp.load_model(dense, dtype=dtype, device=device)
+    pruned_model, _ = cfsp.load_model(pruned, dtype=dtype, device=device)
     result = cfsp.speed_benchmark(
         dense_model,
         pruned_model,
@@ -323,12 +387,19 @@ def recover(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an earlier cfsp output directory.")
     ] = False,
+    dtype: Annotated[
+        str, typer.Option(help="float32 (default: stable LoRA training) or bfloat16.")
+    ] = "float32",
+    device: Annotated[
+        str, typer.Option(help="auto (the first GPU if any), cpu, cuda, cuda:N or mps.")
+    ] = "auto",
 ) -> None:
     """Recover a pruned model with importance-guided LoRA (or uniform LoRA), merge and save it."""
     import shutil
 
     import cfsp
     from cfsp.io import write_pruned
+    from cfsp.models import resolve_device, resolve_dtype
     from cfsp.outdir import StagedOutput
     from cfsp.recovery import RecoveryConfig, resolve_recovery_source
 
@@ -344,10 +415,11 @@ def recover(
     )
     plan = cfsp.read_plan(pruned_dir)
     resolve_recovery_source(data, data_dir)
+    resolve_dtype(dtype, resolve_device(device))
     checkpoints = (checkpoint_dir or out.with_name(out.name + ".checkpoints")).expanduser()
     fresh_checkpoints = not checkpoints.exists()
     with StagedOutput(out, overwrite, protect=[pruned_dir, checkpoints]) as folder:
-        model, tokenizer = cfsp.load_pruned(pruned_dir)
+        model, tokenizer = cfsp.load_pruned(pruned_dir, dtype=dtype, device=device)
         if tokenizer is None:
             raise CfspError(
                 f"{pruned_dir} has no tokenizer, which recovery needs; save it with its tokenizer"

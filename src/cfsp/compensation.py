@@ -41,8 +41,8 @@ def compensate(
         return Compensation()
     if stats is None or stats.sum is None:
         raise CfspError(f"compensation {rule!r} needs calibration statistics")
-    down = down.detach().double()
-    mean = (stats.sum / stats.tokens).to(down.device)
+    down = down.detach().to(stats.sum.device, torch.float64)
+    mean = stats.sum / stats.tokens
     kept = kept.to(down.device)
     if rule == "mean":
         pruned = torch.ones(down.shape[1], dtype=torch.bool, device=down.device)

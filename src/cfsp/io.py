@@ -21,7 +21,14 @@ from torch import nn
 
 from cfsp import pruned_modeling
 from cfsp.errors import CfspError
-from cfsp.models import check_supported, ffn_widths, load_tokenizer, loading_errors
+from cfsp.models import (
+    check_supported,
+    ffn_widths,
+    load_tokenizer,
+    loading_errors,
+    resolve_device,
+    resolve_dtype,
+)
 from cfsp.outdir import PLAN_FILE, StagedOutput, dumps
 from cfsp.pruning import PruneResult
 from cfsp.surgery import apply_pruning
@@ -70,11 +77,18 @@ def save_pruned(
 
 def write_pruned(model: nn.Module, tokenizer, result: PruneResult | dict, folder: Path) -> None:
     """The files of a pruned directory, written into an empty ``folder`` (a staging folder)."""
+    model.save_pretrained(folder, safe_serialization=True)
+    write_pruned_metadata(model, tokenizer, result, folder)
+
+
+def write_pruned_metadata(model: nn.Module, tokenizer, result: PruneResult | dict, folder: Path) -> None:
+    """Everything of a pruned directory but the weights: config, modeling file, plan, tokenizer."""
     plan = result.to_plan() if isinstance(result, PruneResult) else dict(result)
     base_class = type(model).__name__.removeprefix("Cfsp")
     plan["architecture"] = base_class
     plan["versions"] = _versions()
-    model.save_pretrained(folder, safe_serialization=True)
+    if not (folder / "config.json").is_file():
+        model.config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     (folder / MODELING_FILE).write_text(modeling_source(base_class), encoding="utf-8")
@@ -139,13 +153,18 @@ def _is_finite_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def load_pruned(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+def load_pruned(
+    path: str | os.PathLike, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto"
+):
     """Load ``(model, tokenizer)`` from a pruned directory as the original model class, narrowed.
 
     The tokenizer is None when the directory holds none (``save_pruned(model, None, ...)``).
+    ``device`` and ``dtype`` as in ``load_model``.
     """
     import transformers
 
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
     plan = read_plan(path)
     base = getattr(transformers, plan["architecture"], None)
     if base is None:

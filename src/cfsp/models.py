@@ -48,19 +48,65 @@ def resolve_gguf(name: str) -> Path:
     raise CfspError(f"unknown model name {name!r}")
 
 
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` (or None) is the first GPU if there is one, else Apple's MPS, else the CPU."""
+    if isinstance(device, torch.device):
+        return device
+    name = (device or "auto").strip().lower()
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", 0)
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps") if mps is not None and mps.is_available() else torch.device("cpu")
+    try:
+        chosen = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CfspError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CfspError(f"device {device!r} asked for, but this torch sees no CUDA GPU; use --device cpu")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise CfspError(f"device {device!r}: only {torch.cuda.device_count()} GPU(s) visible")
+    elif chosen.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise CfspError(f"device {device!r} asked for, but MPS is not available here; use --device cpu")
+    elif chosen.type != "cpu":
+        raise CfspError(f"unsupported device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+    return chosen
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """``auto`` is bfloat16 on a GPU (half the memory, full range) and float32 on the CPU."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type in ("cuda", "mps") else torch.float32
+    if dtype not in _DTYPES:
+        raise CfspError(f"unknown dtype {dtype!r}; use auto or one of {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def statistics_device(device: torch.device) -> torch.device:
+    """Where float64 statistics live: the execution device, except MPS (no float64) -> CPU."""
+    return torch.device("cpu") if device.type == "mps" else device
+
+
 def load_model(
-    name_or_path: str | os.PathLike = "smollm2", dtype: str | torch.dtype = "float32", device: str = "cpu"
+    name_or_path: str | os.PathLike = "smollm2",
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "auto",
 ):
     """Load ``(model, tokenizer)`` from a named default, a Hugging Face directory or a ``.gguf`` file.
 
     GGUF weights are de-quantized by transformers into an ordinary model of the original class. The
-    tokenizer is None for a directory that holds none.
+    tokenizer is None for a directory that holds none. ``device="auto"`` takes the first GPU if
+    there is one; ``dtype="auto"`` is bfloat16 there and float32 on the CPU.
     """
     from transformers import AutoModelForCausalLM
 
-    torch_dtype = _DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-    if isinstance(torch_dtype, str):
-        raise CfspError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
+    device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
     name = str(name_or_path)
     path = Path(name).expanduser()
     gguf_file = None

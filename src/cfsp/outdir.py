@@ -223,6 +223,35 @@ def _exchange(source: Path, target: Path, staging: Path) -> None:
         raise
 
 
+def _current_umask() -> int:
+    """The process umask (read from /proc on Linux, where setting it to read it could race)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _apply_umask(folder: Path) -> None:
+    """Give every file the mode a plain ``open`` would have given it.
+
+    Some writers (safetensors via a temporary file) create 0600 files; a serving process under
+    another user must be able to read the output, like any other tool's.
+    """
+    mask = _current_umask()
+    for root, dirs, files in os.walk(folder):
+        for name in dirs:
+            os.chmod(os.path.join(root, name), 0o777 & ~mask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~mask)
+    os.chmod(folder, 0o777 & ~mask)
+
+
 # --------------------------------------------------------------------------- the reservation
 
 
@@ -304,6 +333,7 @@ class StagedOutput:
         raise CfspError(f"could not reserve {self.out}: {self.staging} keeps reappearing; remove it by hand")
 
     def _publish(self) -> None:
+        _apply_umask(self.folder)
         if self.out.is_dir() and any(self.out.iterdir()):
             if not self.overwrite:
                 raise CfspError(

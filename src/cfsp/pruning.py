@@ -11,13 +11,20 @@ import torch
 from torch import nn
 
 from cfsp import allocation as alloc
-from cfsp.calibration import BlockStats, calibrate
+from cfsp.calibration import BlockStats, InMemoryBlocks, calibrate
 from cfsp.compensation import COMPENSATIONS, DEFAULT_DAMPING, compensate
 from cfsp.errors import CfspError
 from cfsp.methods import ALLOCATIONS, get_method, needs_calibration
-from cfsp.models import block_mlp, check_supported, count_parameters, decoder_blocks, ffn_widths
+from cfsp.models import (
+    block_mlp,
+    check_supported,
+    count_parameters,
+    decoder_blocks,
+    ffn_widths,
+    statistics_device,
+)
 from cfsp.scoring import BLOCK_METRICS, CHANNEL_METRICS, ChannelInputs, block_importance, channel_scores
-from cfsp.surgery import apply_pruning, set_config_widths, slice_mlp
+from cfsp.surgery import set_config_widths, slice_mlp
 
 log = logging.getLogger("cfsp")
 
@@ -74,6 +81,7 @@ def prune(
     calibration: dict | None = None,
     stats: list[BlockStats] | None = None,
     allow_inexact: bool = False,
+    placement: InMemoryBlocks | None = None,
 ) -> PruneResult:
     """Prune the FFN channels of ``model`` in place to a global FFN ``sparsity``.
 
@@ -88,7 +96,8 @@ def prune(
     channels on the activations of the already-pruned blocks before it (a second pass).
     Widths that miss the target by more than ``SPARSITY_TOLERANCE`` (a multiple too coarse for the
     FFN) are an error unless ``allow_inexact``, which only warns. Every option is checked before
-    any work, so a typo fails in a second, not after the calibration pass.
+    any work, so a typo fails in a second, not after the calibration pass. ``placement`` says where
+    block weights live (default: in memory; ``cfsp.streaming`` streams them from safetensors).
     """
     started = time.perf_counter()
     opts = resolve_options(
@@ -122,42 +131,56 @@ def prune(
     original = ffn_widths(model)
     check_achievable(sparsity, original, multiple, rounding, allow_inexact)
     params_before = count_parameters(model)
-    importance = None
-    if wants_stats:
-        if stats is None:
-            stats = calibrate(
-                model,
-                calib,
-                batch_size=batch_size,
-                progress=progress,
-                second_moments=refit and not sequential,
-            )
-        importance = block_importance(stats, block_metric)
-    else:
-        stats = [None] * len(blocks)  # e.g. Magnitude-SP: weights only
+    placement = placement or InMemoryBlocks()
+    scores: list[torch.Tensor | None] = [None] * len(blocks)
 
-    scores = [
-        _block_scores(block_mlp(blk), s, channel_metric, b, c, reference)
-        for blk, s in zip(blocks, stats, strict=True)
-    ]
+    def score(index: int, block_stats: BlockStats | None) -> bool:
+        """Channel scores of one block, taken while its weights are on the device."""
+        mlp = block_mlp(blocks[index])
+        scores[index] = _block_scores(mlp, block_stats, channel_metric, b, c, reference)
+        return False
+
+    if wants_stats and stats is None:
+        stats = calibrate(
+            model,
+            calib,
+            batch_size=batch_size,
+            after_block=score,
+            progress=progress,
+            second_moments=refit and not sequential,
+            placement=placement,
+        )
+    else:
+        stats = stats if wants_stats else [None] * len(blocks)  # e.g. Magnitude-SP: weights only
+        for index in range(len(blocks)):
+            placement.onload(index)
+            score(index, stats[index])
+            placement.offload(index)
+    importance = block_importance(stats, block_metric) if wants_stats else None
+
     keep, kept = _allocate(
         allocation, scores, importance, stats, sparsity, temperature, multiple, rounding, reference
     )
     kept = [k if k.numel() else s.argmax().view(1) for k, s in zip(kept, scores, strict=True)]
     check_realised(sparsity, [k.numel() for k in kept], original, multiple, rounding, allow_inexact)
 
+    placement.begin_output()
     if sequential:
         kept, biases = _sequential(
-            model, calib, kept, channel_metric, b, c, compensation, refit_damping, batch_size, progress
+            model,
+            calib,
+            kept,
+            channel_metric,
+            b,
+            c,
+            compensation,
+            refit_damping,
+            batch_size,
+            progress,
+            placement,
         )
     else:
-        fixes = [
-            compensate(compensation, block_mlp(blk).down_proj.weight, k, s, refit_damping)
-            for blk, k, s in zip(blocks, kept, stats, strict=True)
-        ]
-        biases = [f.bias for f in fixes] if compensation != "none" else None
-        weights = [f.weight for f in fixes] if refit else None
-        apply_pruning(model, kept, biases, weights)
+        biases = _surgery(model, kept, stats, compensation, refit_damping, placement)
     widths = [int(k.numel()) for k in kept]
     options = dict(
         block_metric=block_metric,
@@ -348,16 +371,44 @@ def _block_scores(
     mlp: nn.Module, stats: BlockStats | None, metric: str, b: float, c: float, reference: bool
 ) -> torch.Tensor:
     """Channel scores of one block's MLP from its recorded statistics."""
+    device = statistics_device(mlp.down_proj.weight.device)
     inputs = ChannelInputs(
-        down=mlp.down_proj.weight.detach().double(),
-        up=mlp.up_proj.weight.detach().double().T,
-        gate=mlp.gate_proj.weight.detach().double().T,
+        down=mlp.down_proj.weight.detach().to(device, torch.float64),
+        up=mlp.up_proj.weight.detach().to(device, torch.float64).T,
+        gate=mlp.gate_proj.weight.detach().to(device, torch.float64).T,
         stats=stats,
         b=b,
         c=c,
         reference=reference,
     )
     return channel_scores(metric, inputs).cpu()
+
+
+def _surgery(
+    model: nn.Module,
+    kept: list[torch.Tensor],
+    stats: list[BlockStats | None],
+    compensation: str,
+    damping: float,
+    placement: InMemoryBlocks,
+) -> list[torch.Tensor] | None:
+    """Slice every block to its kept channels with its compensation; returns the added biases."""
+    compensated = compensation != "none"
+    with_bias = compensated or bool(getattr(model.config, "mlp_bias", False))
+    biases = []
+    for index, (block, channels, block_stats) in enumerate(
+        zip(decoder_blocks(model), kept, stats, strict=True)
+    ):
+        placement.onload(index)
+        mlp = block_mlp(block)
+        fix = compensate(compensation, mlp.down_proj.weight, channels, block_stats, damping)
+        slice_mlp(mlp, channels, fix.bias, with_bias=with_bias, down_weight=fix.weight)
+        if block_stats is not None and block_stats.gram is not None and placement.writing:
+            block_stats.gram = None  # D x D, no longer needed once the block is written
+        placement.offload(index)
+        biases.append(fix.bias)
+    set_config_widths(model.config, [int(k.numel()) for k in kept], with_bias)
+    return biases if compensated else None
 
 
 def _sequential(
@@ -371,6 +422,7 @@ def _sequential(
     damping: float,
     batch_size: int,
     progress: bool,
+    placement: InMemoryBlocks,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Re-choose each block's channels on the activations of the already-pruned blocks before it.
 
@@ -401,6 +453,7 @@ def _sequential(
         after_block=prune_block,
         progress=progress,
         second_moments=compensation == "refit",
+        placement=placement,
     )
     set_config_widths(model.config, widths, with_bias)
     return kept, biases

@@ -657,11 +657,15 @@ def _start_step_callback():
     return StartStep()
 
 
-def training_arguments(config: RecoveryConfig, output_dir: str | os.PathLike):
-    """Hugging Face ``TrainingArguments`` for one recovery run."""
+def training_arguments(
+    config: RecoveryConfig, output_dir: str | os.PathLike, device: torch.device | None = None
+):
+    """Hugging Face ``TrainingArguments`` for one recovery run, on ``device``'s kind (default: the GPUs
+    if any); the Trainer itself spreads a GPU run over every visible GPU through accelerate."""
     from transformers import TrainingArguments
 
-    cuda = torch.cuda.is_available()
+    kind = device.type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = kind == "cuda"
     extra: dict[str, Any] = {}
     if config.gradient_checkpointing:  # non-reentrant: works with frozen base weights and no input grads
         extra = {"gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": False}}
@@ -680,7 +684,7 @@ def training_arguments(config: RecoveryConfig, output_dir: str | os.PathLike):
         save_total_limit=config.save_total_limit,
         seed=config.seed,
         report_to="none",
-        use_cpu=not cuda,
+        use_cpu=kind == "cpu",
         bf16=config.bf16,
         remove_unused_columns=False,
         label_names=["labels"],
@@ -730,7 +734,7 @@ def recover(
     start = _start_step_callback()
     trainer = Trainer(
         model=peft_model,
-        args=training_arguments(config, output_dir),
+        args=training_arguments(config, output_dir, next(model.parameters()).device),
         train_dataset=dataset,
         data_collator=PadCollator(pad_id(tokenizer)),
         callbacks=[start],

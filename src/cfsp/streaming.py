@@ -1,0 +1,248 @@
+"""Pruning a model that does not fit in memory: block weights are streamed from safetensors.
+
+The model is built on the meta device; only what runs before the blocks (embeddings, rotary
+tables) and the final norm are loaded. The one calibration pass then onloads each block's weights
+from the memory-mapped safetensors files onto the execution device, runs it, records its
+statistics and channel scores, and frees it. After allocation, the surgery pass onloads each block
+again, slices it, writes its tensors to their own output shard and frees it. Peak memory is the
+non-block tensors + one block + the calibration activations, whatever the model's depth.
+
+The output is an ordinary pruned directory (sharded safetensors + index, config, modeling file,
+plan, tokenizer), written through an output reservation like every other cfsp output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cfsp.calibration import InMemoryBlocks
+from cfsp.errors import CfspError
+from cfsp.models import decoder_blocks, load_tokenizer, loading_errors, resolve_device, resolve_dtype
+from cfsp.outdir import StagedOutput
+from cfsp.pruning import PruneResult, prune
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+class SafetensorsWeights:
+    """The tensors of a Hugging Face safetensors directory by name, read lazily (memory-mapped)."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        self.folder = Path(folder)
+        index = self.folder / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise CfspError(f"{index} is not a valid safetensors index ({exc})") from None
+            self.files = {key: self.folder / name for key, name in weight_map.items()}
+        else:
+            self.files = {}
+            for path in sorted(self.folder.glob("*.safetensors")):
+                try:
+                    with safe_open(path, "pt") as handle:
+                        self.files.update(dict.fromkeys(handle.keys(), path))
+                except SafetensorError as exc:
+                    raise CfspError(f"cannot read {path} ({exc}): the file is truncated or corrupt") from None
+        if not self.files:
+            raise CfspError(
+                f"{self.folder} has no safetensors weights to stream; convert it once with "
+                "`cfsp convert MODEL --out DIR` or prune it with --no-stream"
+            )
+        self._open = safe_open
+        self._handles: dict[Path, object] = {}
+
+    def keys(self) -> list[str]:
+        return list(self.files)
+
+    def get(self, key: str) -> torch.Tensor:
+        if key not in self.files:
+            raise CfspError(
+                f"{self.folder}: the weights have no tensor {key!r}; is this the model's own directory?"
+            )
+        path = self.files[key]
+        if path not in self._handles:
+            with loading_errors(path):
+                self._handles[path] = self._open(path, "pt")
+        with loading_errors(path):
+            return self._handles[path].get_tensor(key)
+
+
+def _set(module: nn.Module, name: str, device: torch.device | str, value: torch.Tensor | None = None) -> None:
+    from accelerate.utils import set_module_tensor_to_device
+
+    set_module_tensor_to_device(module, name, device, value=value)
+
+
+class StreamedBlocks(InMemoryBlocks):
+    """Block weights live in safetensors files: onload reads them, offload frees (or writes) them."""
+
+    def __init__(
+        self, model: nn.Module, weights: SafetensorsWeights, device: torch.device, dtype: torch.dtype
+    ) -> None:
+        self.model, self.weights, self.device, self.dtype = model, weights, device, dtype
+        layers = decoder_blocks(model)
+        self.prefix = next(name for name, module in model.named_modules() if module is layers)
+        self.writer: ShardWriter | None = None
+        self.writing = False
+
+    def block(self, index: int) -> nn.Module:
+        return decoder_blocks(self.model)[index]
+
+    def onload(self, index: int) -> None:
+        block = self.block(index)
+        for name, _ in list(block.named_parameters()):
+            value = self.weights.get(f"{self.prefix}.{index}.{name}")
+            _set(block, name, self.device, _as(value, self.dtype))
+
+    def offload(self, index: int) -> None:
+        block = self.block(index)
+        if self.writing and self.writer is not None:
+            self.writer.write(f"{self.prefix}.{index}.", block.state_dict())
+        for name, _ in list(block.named_parameters()):
+            _set(block, name, "meta")
+
+    def begin_output(self) -> None:
+        self.writing = True
+
+
+class ShardWriter:
+    """Writes one safetensors shard per block as it is finished, then the rest and the index."""
+
+    def __init__(self, folder: Path, shards: int) -> None:
+        self.folder, self.shards, self.count = folder, shards, 0
+        self.weight_map: dict[str, str] = {}
+        self.total_size = 0
+
+    def write(self, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+        from safetensors.torch import save_file
+
+        self.count += 1
+        name = f"model-{self.count:05d}-of-{self.shards:05d}.safetensors"
+        payload = {prefix + key: value.detach().contiguous().cpu() for key, value in tensors.items()}
+        save_file(payload, self.folder / name, metadata={"format": "pt"})
+        for key, value in payload.items():
+            self.weight_map[key] = name
+            self.total_size += value.numel() * value.element_size()
+
+    def finish(self) -> None:
+        index = {
+            "metadata": {"total_size": self.total_size},
+            "weight_map": dict(sorted(self.weight_map.items())),
+        }
+        (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Floating tensors in the compute dtype, so the whole output has one dtype; others unchanged."""
+    return tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
+def empty_model(
+    folder: Path, weights: SafetensorsWeights, device: torch.device, dtype: torch.dtype
+) -> nn.Module:
+    """The model on the meta device with every tensor outside the blocks loaded onto ``device``."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with loading_errors(folder):
+        config = AutoConfig.from_pretrained(folder)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    layers = decoder_blocks(model)
+    prefix = next(name for name, module in model.named_modules() if module is layers) + "."
+    for name, _ in list(model.named_parameters()):
+        if not name.startswith(prefix) and name in weights.files:
+            _set(model, name, device, _as(weights.get(name), dtype))
+    for name, buffer in list(model.named_buffers()):
+        _set(model, name, device, buffer)  # rotary tables and scales, built on the CPU at init
+    model.tie_weights()
+    return model.eval()
+
+
+def prune_directory(
+    source: str | os.PathLike,
+    calib: torch.Tensor | None,
+    sparsity: float,
+    out_dir: str | os.PathLike,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    overwrite: bool = False,
+    protect: Iterable[str | os.PathLike] = (),
+    **options,
+) -> PruneResult:
+    """Prune a Hugging Face safetensors directory block by block and write the pruned directory.
+
+    Gives the same kept channels, widths and weights as ``load_model`` + ``prune`` +
+    ``save_pruned``, with only one block's weights in memory at a time. ``options`` are
+    ``prune``'s; the refit compensation is not available here (it would hold every block's Gram
+    matrix until allocation), use ``compensation="mean"`` or prune in memory.
+    """
+    folder = Path(source).expanduser()
+    check_streamable(folder, options)
+    with StagedOutput(out_dir, overwrite, [folder, *protect]) as staging:
+        return stream_into(folder, calib, sparsity, staging, device=device, dtype=dtype, **options)
+
+
+def check_streamable(folder: Path, options: dict) -> None:
+    """Before any work: a safetensors directory, and options the streamed pass supports."""
+    if options.get("compensation") == "refit":
+        raise CfspError(
+            "the refit compensation needs the model in memory; use --no-stream or --compensation mean"
+        )
+    SafetensorsWeights(folder)
+
+
+def is_streamable(path: str | os.PathLike) -> bool:
+    """A Hugging Face directory with safetensors weights (not a cfsp output, not a GGUF)."""
+    folder = Path(path).expanduser()
+    return (
+        folder.is_dir()
+        and (folder / "config.json").is_file()
+        and not (folder / "pruning_plan.json").exists()
+        and any(folder.glob("*.safetensors"))
+    )
+
+
+def stream_into(
+    folder: Path,
+    calib: torch.Tensor | None,
+    sparsity: float,
+    staging: Path,
+    *,
+    device: str | torch.device = "auto",
+    dtype: str | torch.dtype = "auto",
+    **options,
+) -> PruneResult:
+    """The streamed pass, writing the pruned directory's files into the empty folder ``staging``."""
+    from cfsp.io import write_pruned_metadata
+
+    execution = resolve_device(device)
+    compute_dtype = resolve_dtype(dtype, execution)
+    weights = SafetensorsWeights(folder)
+    model = empty_model(folder, weights, execution, compute_dtype)
+    placement = StreamedBlocks(model, weights, execution, compute_dtype)
+    placement.writer = ShardWriter(staging, len(decoder_blocks(model)) + 1)
+    result = prune(model, calib, sparsity, placement=placement, **options)
+    block_prefix = placement.prefix + "."
+    rest = {
+        key: _as(weights.get(key), compute_dtype)
+        for key in weights.keys()
+        if not key.startswith(block_prefix)
+    }
+    placement.writer.write("", rest)
+    placement.writer.finish()
+    if (folder / "generation_config.json").is_file():
+        shutil.copyfile(folder / "generation_config.json", staging / "generation_config.json")
+    write_pruned_metadata(model, load_tokenizer(folder), result, staging)
+    return result

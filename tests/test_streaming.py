@@ -1,0 +1,53 @@
+"""Streaming pruning from safetensors equals in-memory pruning: channels, widths, weights, logits."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_byte_tokenizer, make_tiny_model
+
+import cfsp
+from cfsp.streaming import prune_directory
+
+
+def _source(family, tmp_path, shard=False):
+    folder = tmp_path / f"{family}-source"
+    model = make_tiny_model(family)
+    model.save_pretrained(folder, max_shard_size="100KB" if shard else "5GB")
+    make_byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "options", [dict(), dict(method="flap"), dict(method="magnitude-sp"), dict(sequential=True)]
+)
+def test_streamed_pruning_equals_in_memory_pruning(family, calib, tmp_path, options):
+    source = _source(family, tmp_path, shard=family == "llama")
+    model, tokenizer = cfsp.load_model(source, device="cpu")
+    expected = cfsp.prune(model, calib, 0.5, multiple=32, progress=False, **options)
+    with torch.no_grad():
+        logits = model(calib[:2]).logits
+
+    out = tmp_path / "streamed"
+    result = prune_directory(source, calib, 0.5, out, device="cpu", multiple=32, progress=False, **options)
+    assert result.widths == expected.widths
+    assert [k.tolist() for k in result.kept_channels] == [k.tolist() for k in expected.kept_channels]
+    assert result.params_before == expected.params_before and result.params_after == expected.params_after
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == len(expected.widths) + 1  # a shard per block + the rest
+    reloaded, tok = cfsp.load_pruned(out, device="cpu")
+    assert tok is not None
+    with torch.no_grad():
+        assert torch.equal(reloaded(calib[:2]).logits, logits)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([source.name, "streamed"])
+
+
+def test_streaming_refuses_what_it_cannot_do(calib, tmp_path):
+    source = _source("qwen2", tmp_path)
+    with pytest.raises(cfsp.CfspError, match="refit compensation needs the model in memory"):
+        prune_directory(source, calib, 0.5, tmp_path / "x", device="cpu", compensation="refit")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text((source / "config.json").read_text())
+    with pytest.raises(cfsp.CfspError, match="no safetensors weights"):
+        prune_directory(tmp_path / "empty", calib, 0.5, tmp_path / "x", device="cpu")
+    assert not (tmp_path / "x").exists()
