@@ -105,3 +105,22 @@ def test_recovery_runs_on_pruned_smollm2(smollm2, tmp_path):
     )
     assert recovered.steps == 2 and abs(recovered.trainable_params / recovered.uniform_params - 1) <= 0.02
     assert [layer.mlp.down_proj.in_features for layer in recovered.model.model.layers] == result.widths
+
+
+def test_streaming_smollm2_from_safetensors_equals_in_memory(smollm2, tmp_path):
+    """SmolLM2 written once as a safetensors directory, pruned block by block: same model as in memory."""
+    from cfsp.streaming import prune_directory
+
+    dense, tokenizer, calib, stats, _ = smollm2
+    source = tmp_path / "smollm2-safetensors"
+    dense.save_pretrained(source)
+    tokenizer.save_pretrained(source)
+    model = copy.deepcopy(dense)
+    expected = cfsp.prune(model, calib, 0.5, stats=stats, progress=False)
+    result = prune_directory(source, calib, 0.5, tmp_path / "streamed", device="cpu", progress=False)
+    assert result.widths == expected.widths
+    assert _same(result.kept_channels, expected.kept_channels) == []
+    reloaded, _ = cfsp.load_pruned(tmp_path / "streamed", device="cpu")
+    x = calib[:2, :64]
+    with torch.no_grad():
+        assert torch.equal(reloaded(x).logits, model(x).logits)

@@ -145,6 +145,12 @@ class InMemoryBlocks:
     def begin_output(self) -> None:
         """The next pass over the blocks produces the final weights."""
 
+    def before_capture(self) -> None:
+        """What runs before the blocks (the embeddings) is about to be needed."""
+
+    def after_capture(self) -> None:
+        """Block 0's inputs are captured; what ran before the blocks can go."""
+
 
 def _peak_memory_text() -> str:
     """Peak memory so far, for the progress bar: the GPU's when one is in use, else the process's."""
@@ -186,7 +192,9 @@ def calibrate(
             f"calibration windows must be a non-empty [n, length] tensor, got {tuple(windows.shape)}"
         )
     blocks = decoder_blocks(model)
+    placement.before_capture()
     captured = capture_block_inputs(model, windows, batch_size)
+    placement.after_capture()
     inputs = captured.hidden
     all_stats: list[BlockStats] = []
     bar = tqdm(total=len(blocks), desc="calibrating blocks", unit="block", disable=not progress)

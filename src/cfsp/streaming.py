@@ -59,22 +59,19 @@ class SafetensorsWeights:
                 "`cfsp convert MODEL --out DIR` or prune it with --no-stream"
             )
         self._open = safe_open
-        self._handles: dict[Path, object] = {}
 
     def keys(self) -> list[str]:
         return list(self.files)
 
     def get(self, key: str) -> torch.Tensor:
+        """A copy of one tensor. The file is mapped only for the read: a mapping held open would
+        count every page read so far in the process's resident memory."""
         if key not in self.files:
             raise CfspError(
                 f"{self.folder}: the weights have no tensor {key!r}; is this the model's own directory?"
             )
-        path = self.files[key]
-        if path not in self._handles:
-            with loading_errors(path):
-                self._handles[path] = self._open(path, "pt")
-        with loading_errors(path):
-            return self._handles[path].get_tensor(key)
+        with loading_errors(self.files[key]), self._open(self.files[key], "pt") as handle:
+            return handle.get_tensor(key)
 
 
 def _set(module: nn.Module, name: str, device: torch.device | str, value: torch.Tensor | None = None) -> None:
@@ -113,6 +110,19 @@ class StreamedBlocks(InMemoryBlocks):
 
     def begin_output(self) -> None:
         self.writing = True
+
+    def before_capture(self) -> None:
+        """The embeddings are needed only to compute block 0's inputs."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        embeddings = self.model.get_input_embeddings()
+        for name, parameter in list(embeddings.named_parameters()):
+            _set(embeddings, name, self.device, _as(self.weights.get(names[id(parameter)]), self.dtype))
+
+    def after_capture(self) -> None:
+        embeddings = self.model.get_input_embeddings()
+        for name, _ in list(embeddings.named_parameters()):
+            _set(embeddings, name, "meta")
+        self.model.tie_weights()  # a tied LM head shares the embedding again (for parameter counts)
 
 
 class ShardWriter:
@@ -160,8 +170,12 @@ def empty_model(
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layers = decoder_blocks(model)
     prefix = next(name for name, module in model.named_modules() if module is layers) + "."
-    for name, _ in list(model.named_parameters()):
-        if not name.startswith(prefix) and name in weights.files:
+    # Loaded on demand instead: the blocks (one at a time) and the embeddings (for the capture);
+    # the LM head is never run by the calibration pass.
+    skip = {id(p) for p in model.get_input_embeddings().parameters()}
+    skip |= {id(p) for p in model.get_output_embeddings().parameters()}
+    for name, parameter in list(model.named_parameters()):
+        if not name.startswith(prefix) and id(parameter) not in skip and name in weights.files:
             _set(model, name, device, _as(weights.get(name), dtype))
     for name, buffer in list(model.named_buffers()):
         _set(model, name, device, buffer)  # rotary tables and scales, built on the CPU at init
