@@ -15,7 +15,7 @@ import time
 
 from common import RESULTS, add_protocol_arguments, prepare, pruned_variant, stamp, wikitext_ppl, write_json
 
-from cfsp.bench import pruning_cost
+from cfsp.bench import forward_pass_seconds, pruning_cost
 from cfsp.calibration import calibrate
 
 DEFAULT = "cfsp mean (default)"
@@ -53,6 +53,23 @@ def summary(rows: list[dict], table: dict, sparsities: list[float], seeds: list[
     return lines
 
 
+def measure_cost(model_name: str, args) -> dict:
+    """Forward pass, calibration, and calibration with Gram matrices, interleaved twice (medians)."""
+    setup = prepare(model_name, args.nsamples, args.seqlen, time_forward=False)
+    times: dict[str, list[float]] = {"forward_s": [], "calibration_s": [], "calibration_with_gram_s": []}
+    for _ in range(2):
+        times["forward_s"].append(forward_pass_seconds(setup.model, setup.calib, batch_size=8))
+        for key, gram in (("calibration_s", False), ("calibration_with_gram_s", True)):
+            _, cost = pruning_cost(calibrate, setup.model, setup.calib, 8, None, False, gram)
+            times[key].append(cost["seconds"])
+    row = {key: statistics.median(values) for key, values in times.items()}
+    row["calibration_over_forward"] = row["calibration_s"] / row["forward_s"]
+    row["calibration_with_gram_over_forward"] = row["calibration_with_gram_s"] / row["forward_s"]
+    row["tokens"] = setup.calib.numel()
+    print(model_name, row, flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", action="append", required=True)
@@ -63,7 +80,13 @@ def main() -> None:
     parser.add_argument(
         "--baseline-damping", type=float, action="append", help="wanda-sp / flap refit dampings"
     )
+    parser.add_argument(
+        "--cost-only", action="store_true", help="only time the passes (results/refit_cost.json)"
+    )
     args = parser.parse_args()
+    if args.cost_only:
+        write_json(RESULTS / "refit_cost.json", {name: measure_cost(name, args) for name in args.model})
+        return
     seeds, sparsities = args.seed or [0, 1], args.sparsity or [0.2, 0.5]
     table = candidates(args.damping or [1e-4, 1e-3, 1e-2, 1e-1], args.baseline_damping or [1e-2, 1e-1])
     for model_name in args.model:

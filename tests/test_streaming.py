@@ -19,7 +19,14 @@ def _source(family, tmp_path, shard=False):
 
 
 @pytest.mark.parametrize(
-    "options", [dict(), dict(method="flap"), dict(method="magnitude-sp"), dict(sequential=True)]
+    "options",
+    [
+        dict(),
+        dict(method="flap"),
+        dict(method="magnitude-sp"),
+        dict(sequential=True),
+        dict(sequential=True, compensation="refit"),
+    ],
 )
 def test_streamed_pruning_equals_in_memory_pruning(family, calib, tmp_path, options):
     source = _source(family, tmp_path, shard=family == "llama")
@@ -44,7 +51,7 @@ def test_streamed_pruning_equals_in_memory_pruning(family, calib, tmp_path, opti
 
 def test_streaming_refuses_what_it_cannot_do(calib, tmp_path):
     source = _source("qwen2", tmp_path)
-    with pytest.raises(cfsp.CfspError, match="refit compensation needs the model in memory"):
+    with pytest.raises(cfsp.CfspError, match="refit compensation needs --sequential"):
         prune_directory(source, calib, 0.5, tmp_path / "x", device="cpu", compensation="refit")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text((source / "config.json").read_text())

@@ -199,8 +199,8 @@ def prune_directory(
 
     Gives the same kept channels, widths and weights as ``load_model`` + ``prune`` +
     ``save_pruned``, with only one block's weights in memory at a time. ``options`` are
-    ``prune``'s; the refit compensation is not available here (it would hold every block's Gram
-    matrix until allocation), use ``compensation="mean"`` or prune in memory.
+    ``prune``'s; the refit compensation needs ``sequential=True`` here (the one-pass refit would
+    hold every block's Gram matrix until allocation; the sequential pass holds one at a time).
     """
     folder = Path(source).expanduser()
     check_streamable(folder, options)
@@ -210,9 +210,10 @@ def prune_directory(
 
 def check_streamable(folder: Path, options: dict) -> None:
     """Before any work: a safetensors directory, and options the streamed pass supports."""
-    if options.get("compensation") == "refit":
+    if options.get("compensation") == "refit" and not options.get("sequential"):
         raise CfspError(
-            "the refit compensation needs the model in memory; use --no-stream or --compensation mean"
+            "streamed, the refit compensation needs --sequential (each block's Gram matrix is then "
+            "collected and freed in the second pass); or use --no-stream"
         )
     SafetensorsWeights(folder)
 
