@@ -25,6 +25,10 @@ def candidates(dampings: list[float], baseline_dampings: list[float]) -> dict[st
     """name -> prune() options. cfsp sweeps the damping; the baselines get the same rule at fewer points."""
     table = {"cfsp none": dict(compensation="none"), DEFAULT: dict(compensation="mean")}
     table |= {f"cfsp refit d={d:g}": dict(compensation="refit", refit_damping=d) for d in dampings}
+    table |= {  # a second pass each: chosen with --only
+        f"cfsp refit+sequential d={d:g}": dict(compensation="refit", refit_damping=d, sequential=True)
+        for d in dampings
+    }
     for method, own in (("wanda-sp", "none"), ("flap", "mean")):
         table[f"{method} {own} (its default)"] = dict(method=method, compensation=own)
         table |= {
@@ -77,6 +81,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, action="append")
     parser.add_argument("--sparsity", type=float, action="append")
     parser.add_argument("--damping", type=float, action="append", help="cfsp refit dampings")
+    parser.add_argument("--only", help="comma-separated candidate names (the default always runs)")
+    parser.add_argument("--tag", help="suffix of the result files")
     parser.add_argument(
         "--baseline-damping", type=float, action="append", help="wanda-sp / flap refit dampings"
     )
@@ -89,6 +95,8 @@ def main() -> None:
         return
     seeds, sparsities = args.seed or [0, 1], args.sparsity or [0.2, 0.5]
     table = candidates(args.damping or [1e-4, 1e-3, 1e-2, 1e-1], args.baseline_damping or [1e-2, 1e-1])
+    names = [DEFAULT, *args.only.split(",")] if args.only else [n for n in table if "sequential" not in n]
+    table = {name: table[name] for name in dict.fromkeys(names)}
     for model_name in args.model:
         rows, cost = [], {}
         for seed in seeds:
@@ -135,7 +143,8 @@ def main() -> None:
             cost=cost,
             rows=rows,
         )
-        write_json(RESULTS / f"refit_{model_name}.json", payload)
+        suffix = f"_{args.tag}" if args.tag else ""
+        write_json(RESULTS / f"refit_{model_name}{suffix}.json", payload)
         header = [
             f"# Compensation on {model_name} (dense ppl {rows[0]['ppl']:.2f})",
             "",
@@ -144,7 +153,7 @@ def main() -> None:
             "",
         ]
         text = "\n".join(header + summary(rows, table, sparsities, seeds)) + "\n"
-        (RESULTS / f"refit_{model_name}.md").write_text(text, encoding="utf-8")
+        (RESULTS / f"refit_{model_name}{suffix}.md").write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

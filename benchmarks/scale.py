@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -33,7 +32,7 @@ LLAMA_1B = dict(
 )
 
 CHILD = r"""
-import json, resource, sys, time, torch
+import json, sys, time, torch
 import cfsp
 mode, folder, out, n, length = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 from cfsp.models import load_tokenizer
@@ -53,8 +52,8 @@ else:
     result = cfsp.prune(model, calib, 0.5, progress=False)
     cfsp.save_pruned(model, tokenizer, result, out)
     seconds = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"mode": mode, "seconds": seconds, "peak_rss_bytes": peak}))
+from cfsp.bench import peak_rss_bytes
+print(json.dumps({"mode": mode, "seconds": seconds, "peak_rss_bytes": peak_rss_bytes()}))
 """
 
 
@@ -118,7 +117,6 @@ def main() -> None:
         stream_peak_rss_over_weights=rows["stream"]["peak_rss_bytes"] / weights,
         memory_peak_rss_over_weights=rows["memory"]["peak_rss_bytes"] / weights,
         streamed_equals_in_memory=same,
-        parent_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     )
     write_json(RESULTS / "scale.json", payload)
     print(json.dumps({k: v for k, v in payload.items() if k != "model"}, indent=1))

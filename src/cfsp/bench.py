@@ -270,8 +270,19 @@ def _rss_bytes() -> int | None:
         return None
 
 
-def _max_rss_bytes() -> int:
-    """The process's peak RSS so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+def peak_rss_bytes() -> int:
+    """The process's peak RSS so far.
+
+    Linux's VmHWM first: ``ru_maxrss`` survives ``exec``, so a process started from a large parent
+    would report the parent's peak. Else ``ru_maxrss`` (KiB on Linux, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
@@ -309,14 +320,14 @@ def pruning_cost(fn: Callable[..., Any], *args, **kwargs) -> tuple[Any, dict]:
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start_rss, start_max = _rss_bytes(), _max_rss_bytes()
+    start_rss, start_max = _rss_bytes(), peak_rss_bytes()
     start = time.perf_counter()
     with _RssSampler() as sampler:
         result = fn(*args, **kwargs)
         if cuda:
             torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    end_max = _max_rss_bytes()
+    end_max = peak_rss_bytes()
     increase = sampler.peak - start_rss if start_rss is not None else end_max - start_max
     cost = {"seconds": seconds, "peak_rss_bytes": end_max, "rss_increase_bytes": max(0, increase)}
     if cuda:

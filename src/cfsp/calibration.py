@@ -154,13 +154,11 @@ class InMemoryBlocks:
 
 def _peak_memory_text() -> str:
     """Peak memory so far, for the progress bar: the GPU's when one is in use, else the process's."""
+    from cfsp.bench import peak_rss_bytes
+
     if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
         return f"{torch.cuda.max_memory_allocated() / 2**30:.1f}G gpu"
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return f"{(peak if sys.platform == 'darwin' else peak * 1024) / 2**30:.1f}G rss"
+    return f"{peak_rss_bytes() / 2**30:.1f}G rss"
 
 
 def run_block(block: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:

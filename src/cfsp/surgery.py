@@ -13,8 +13,13 @@ from cfsp.models import block_mlp, decoder_blocks
 
 
 def _sliced_linear(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    new = nn.Linear(
-        weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype
+    new = torch.nn.utils.skip_init(  # no random init of weights that are overwritten at once
+        nn.Linear,
+        weight.shape[1],
+        weight.shape[0],
+        bias=bias is not None,
+        device=weight.device,
+        dtype=weight.dtype,
     )
     with torch.no_grad():
         new.weight.copy_(weight)
