@@ -135,6 +135,7 @@ class InMemoryBlocks:
     """
 
     writing = False
+    streams = False  # True: weights are re-read per pass, so nothing per block should be held
 
     def onload(self, index: int) -> None:
         """Make block ``index``'s weights available on the execution device."""

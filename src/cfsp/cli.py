@@ -207,7 +207,7 @@ def prune(
         text_source_path(calib_source, data_dir)
     streamed = stream and is_streamable(model)
     if streamed:
-        check_streamable(Path(model), {**options, **resolved})
+        check_streamable(Path(model))
     with StagedOutput(out, overwrite, protect=[model]) as folder:
         if streamed:
             console.print(f"streaming [bold]{model}[/] block by block ...")

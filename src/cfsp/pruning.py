@@ -147,7 +147,7 @@ def prune(
             batch_size=batch_size,
             after_block=score,
             progress=progress,
-            second_moments=refit and not sequential,
+            second_moments=refit and not sequential and not placement.streams,
             placement=placement,
         )
     else:
@@ -165,8 +165,8 @@ def prune(
     check_realised(sparsity, [k.numel() for k in kept], original, multiple, rounding, allow_inexact)
 
     placement.begin_output()
-    if sequential:
-        kept, biases = _sequential(
+    if sequential or (refit and placement.streams):  # streamed: no Gram matrices kept from pass one
+        kept, biases = _second_pass(
             model,
             calib,
             kept,
@@ -178,6 +178,7 @@ def prune(
             batch_size,
             progress,
             placement,
+            rechoose=sequential,
         )
     else:
         biases = _surgery(model, kept, stats, compensation, refit_damping, placement)
@@ -411,7 +412,7 @@ def _surgery(
     return biases if compensated else None
 
 
-def _sequential(
+def _second_pass(
     model: nn.Module,
     calib: torch.Tensor,
     decided: list[torch.Tensor],
@@ -423,12 +424,15 @@ def _sequential(
     batch_size: int,
     progress: bool,
     placement: InMemoryBlocks,
+    rechoose: bool,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """Re-choose each block's channels on the activations of the already-pruned blocks before it.
+    """Prune block by block in a second calibration pass; each block's Gram matrix lives only there.
 
-    Widths stay as decided from the dense pass (allocation needs every block's importance first);
-    only which channels fill them, and the compensation, follow the pruned model's own
-    activations, so later blocks adapt to the error the earlier ones introduced.
+    ``rechoose`` (the sequential mode): re-choose each block's channels on the activations of the
+    already-pruned blocks before it, so later blocks adapt to the error the earlier ones made.
+    Widths stay as decided from the dense pass (allocation needs every block's importance first).
+    Without ``rechoose`` the channels stay as decided and the next block sees the *dense* output:
+    the one-pass refit exactly, with one Gram matrix in memory at a time (streamed models).
     """
     widths = [k.numel() for k in decided]
     compensated = compensation != "none"
@@ -438,13 +442,15 @@ def _sequential(
 
     def prune_block(index: int, stats: BlockStats) -> bool:
         mlp = block_mlp(decoder_blocks(model)[index])
-        kept[index] = alloc.top_channels(_block_scores(mlp, stats, metric, b, c, False), widths[index])
+        if rechoose:
+            scores = _block_scores(mlp, stats, metric, b, c, False)
+            kept[index] = alloc.top_channels(scores, widths[index])
         fix = compensate(compensation, mlp.down_proj.weight, kept[index], stats, damping)
         if biases is not None:
             biases.append(fix.bias)
         stats.gram = None  # D x D: free it as soon as the block is done
         slice_mlp(mlp, kept[index], fix.bias, with_bias=with_bias, down_weight=fix.weight)
-        return True
+        return rechoose  # True: the next block sees this block's pruned output
 
     calibrate(
         model,

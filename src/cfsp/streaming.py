@@ -91,6 +91,7 @@ class StreamedBlocks(InMemoryBlocks):
         self.prefix = next(name for name, module in model.named_modules() if module is layers)
         self.writer: ShardWriter | None = None
         self.writing = False
+        self.streams = True
 
     def block(self, index: int) -> nn.Module:
         return decoder_blocks(self.model)[index]
@@ -199,22 +200,17 @@ def prune_directory(
 
     Gives the same kept channels, widths and weights as ``load_model`` + ``prune`` +
     ``save_pruned``, with only one block's weights in memory at a time. ``options`` are
-    ``prune``'s; the refit compensation needs ``sequential=True`` here (the one-pass refit would
-    hold every block's Gram matrix until allocation; the sequential pass holds one at a time).
+    ``prune``'s. With the refit compensation a second pass over the blocks collects each block's
+    Gram matrix just before it is refit, instead of holding them all until allocation.
     """
     folder = Path(source).expanduser()
-    check_streamable(folder, options)
+    check_streamable(folder)
     with StagedOutput(out_dir, overwrite, [folder, *protect]) as staging:
         return stream_into(folder, calib, sparsity, staging, device=device, dtype=dtype, **options)
 
 
-def check_streamable(folder: Path, options: dict) -> None:
-    """Before any work: a safetensors directory, and options the streamed pass supports."""
-    if options.get("compensation") == "refit" and not options.get("sequential"):
-        raise CfspError(
-            "streamed, the refit compensation needs --sequential (each block's Gram matrix is then "
-            "collected and freed in the second pass); or use --no-stream"
-        )
+def check_streamable(folder: Path) -> None:
+    """Before any work: a directory whose safetensors files can be read."""
     SafetensorsWeights(folder)
 
 
