@@ -29,7 +29,7 @@ METHODS: dict[str, dict] = {
         method="cfsp",
         channel_metric="three_w_one_wa",
         temperature=13.1072,
-        bias_compensation=False,
+        compensation="none",
         rounding="nearest",
     ),
     "wanda-sp": dict(method="wanda-sp"),

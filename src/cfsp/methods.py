@@ -21,7 +21,7 @@ class Method:
     channel_metric: str
     allocation: str  # "cfsp" (importance-based sigmoid), "uniform" or "global" (one threshold)
     multiple: int  # default rounding of widths (1 = none)
-    bias_compensation: bool = False  # add the pruned channels' mean contribution to down_proj
+    compensation: str = "none"  # what replaces the pruned channels' output: none, mean or refit
     summary: str = ""
     reference_defaults: dict = field(default_factory=dict)  # what the reference uses where we differ
 
@@ -33,16 +33,16 @@ METHODS: dict[str, Method] = {
         "ria",
         "cfsp",
         128,
-        bias_compensation=True,
+        compensation="mean",
         summary="block angular importance -> sigmoid widths; relative weight x activation channel score",
-        reference_defaults=dict(channel_metric="three_w_one_wa", bias_compensation=False),
+        reference_defaults=dict(channel_metric="three_w_one_wa", compensation="none"),
     ),
     "wanda-sp": Method("wanda_base", "global", 1, summary="|W_down| x activation norm, one global threshold"),
     "flap": Method(
         "flap",
         "global",
         1,
-        bias_compensation=True,
+        compensation="mean",
         summary="fluctuation x squared column norm, global threshold, bias compensation",
     ),
     "magnitude-sp": Method("mag_base", "uniform", 1, summary="down_proj column norm, same width everywhere"),

@@ -237,7 +237,7 @@ def resolve_options(
 ) -> dict:
     """Fill in the method's defaults and check every option; the CLI calls this before loading a model."""
     spec = get_method(method)
-    defaults = {"channel_metric": spec.channel_metric, "bias_compensation": spec.bias_compensation}
+    defaults = {"channel_metric": spec.channel_metric, "compensation": spec.compensation}
     if reference:
         defaults.update(spec.reference_defaults)
     numbers = (("sparsity", sparsity), ("temperature", temperature), ("b", b), ("c", c))
@@ -265,9 +265,9 @@ def resolve_options(
         raise CfspError(f"temperature must be >= 0, got {temperature}")
     if batch_size < 1:
         raise CfspError(f"batch size must be >= 1, got {batch_size}")
-    if compensation is None:
-        mean = defaults["bias_compensation"] if bias_compensation is None else bias_compensation
-        compensation = "mean" if mean else "none"
+    if compensation is None and bias_compensation is not None:  # the older boolean spelling
+        compensation = "mean" if bias_compensation else "none"
+    compensation = compensation or defaults["compensation"]
     if compensation not in COMPENSATIONS:
         raise CfspError(f"unknown compensation {compensation!r}; choose one of {', '.join(COMPENSATIONS)}")
     if refit_damping < 0:
