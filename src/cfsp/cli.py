@@ -22,6 +22,14 @@ app = typer.Typer(
 console = Console()
 errors = Console(stderr=True)
 
+DeviceOption = Annotated[str, typer.Option(help="auto (the first GPU if any), cpu, cuda, cuda:N or mps.")]
+DtypeOption = Annotated[
+    str, typer.Option(help="auto (bfloat16 on a GPU, float32 on CPU), float32 or bfloat16.")
+]
+OverwriteOption = Annotated[
+    bool, typer.Option("--overwrite", help="Replace an earlier cfsp output directory.")
+]
+
 
 class _ConsoleHandler(logging.Handler):
     """cfsp's warnings and notes, one line each on stderr."""
@@ -158,16 +166,10 @@ def prune(
             help="For a safetensors directory: read one block at a time (bounded memory) or load it whole.",
         ),
     ] = True,
-    dtype: Annotated[
-        str, typer.Option(help="auto (bfloat16 on a GPU, float32 on CPU), float32 or bfloat16.")
-    ] = "auto",
-    device: Annotated[
-        str, typer.Option(help="auto (the first GPU if any), cpu, cuda, cuda:N or mps.")
-    ] = "auto",
+    dtype: DtypeOption = "auto",
+    device: DeviceOption = "auto",
     batch_size: Annotated[int, typer.Option(help="Windows per forward batch during calibration.")] = 8,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an earlier cfsp output directory.")
-    ] = False,
+    overwrite: OverwriteOption = False,
 ) -> None:
     """Prune a model's FFN channels and save a smaller dense model."""
     import cfsp
@@ -291,12 +293,8 @@ def eval_command(
     seqlen: Annotated[int, typer.Option(help="Perplexity window length.")] = 1024,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 1,
     data_dir: Annotated[Path | None, typer.Option(help="Data directory.")] = None,
-    dtype: Annotated[
-        str, typer.Option(help="auto (bfloat16 on a GPU, float32 on CPU), float32 or bfloat16.")
-    ] = "auto",
-    device: Annotated[
-        str, typer.Option(help="auto (the first GPU if any), cpu, cuda, cuda:N or mps.")
-    ] = "auto",
+    dtype: DtypeOption = "auto",
+    device: DeviceOption = "auto",
     output: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
 ) -> None:
     """WikiText-2 perplexity and zero-shot accuracy from the local data files."""
@@ -327,12 +325,8 @@ def bench(
     prompt_lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths.")] = "128,512",
     decode_tokens: Annotated[int, typer.Option(help="Tokens generated per decode measurement.")] = 32,
     repeats: Annotated[int, typer.Option(help="Measurements per model and setting (median).")] = 3,
-    dtype: Annotated[
-        str, typer.Option(help="auto (bfloat16 on a GPU, float32 on CPU), float32 or bfloat16.")
-    ] = "auto",
-    device: Annotated[
-        str, typer.Option(help="auto (the first GPU if any), cpu, cuda, cuda:N or mps.")
-    ] = "auto",
+    dtype: DtypeOption = "auto",
+    device: DeviceOption = "auto",
     output: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
 ) -> None:
     """Prefill / decode throughput of a pruned model against its dense original, side by side."""
@@ -384,15 +378,11 @@ def recover(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
     save_adapter: Annotated[Path | None, typer.Option(help="Also save the adapter alone here.")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="Data directory.")] = None,
-    overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace an earlier cfsp output directory.")
-    ] = False,
+    overwrite: OverwriteOption = False,
     dtype: Annotated[
         str, typer.Option(help="float32 (default: stable LoRA training) or bfloat16.")
     ] = "float32",
-    device: Annotated[
-        str, typer.Option(help="auto (the first GPU if any), cpu, cuda, cuda:N or mps.")
-    ] = "auto",
+    device: DeviceOption = "auto",
 ) -> None:
     """Recover a pruned model with importance-guided LoRA (or uniform LoRA), merge and save it."""
     import shutil
