@@ -3,7 +3,8 @@
 Builds (once) a float32 safetensors directory of a Llama-3.2-1B-shaped model with random weights
 (cost does not depend on the values), then runs, each in its own process so that each peak RSS is
 its own: one plain forward pass of the calibration windows through the dense model (the
-yardstick), `cfsp prune` streaming, and `cfsp prune --no-stream`. Writes results/scale.json.
+yardstick), streamed pruning with the default options and with the one-pass mean compensation,
+and in-memory pruning with the defaults. Writes results/scale.json.
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ if mode == "forward":
     model, _ = cfsp.load_model(folder, device="cpu")
     start = time.perf_counter()
     seconds = forward_pass_seconds(model, calib, batch_size=8)
-elif mode == "stream":
+elif mode.startswith("stream"):
     from cfsp.streaming import prune_directory
-    result = prune_directory(folder, calib, 0.5, out, device="cpu", progress=False)
+    options = {"compensation": "mean"} if mode == "stream-mean" else {}
+    result = prune_directory(folder, calib, 0.5, out, device="cpu", progress=False, **options)
     seconds = time.perf_counter() - start
 else:
     model, tokenizer = cfsp.load_model(folder, device="cpu")
@@ -103,7 +105,7 @@ def main() -> None:
     print(f"model ready in {time.perf_counter() - started:.0f} s", flush=True)
     weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     rows = {}
-    for mode in ("forward", "stream", "memory"):
+    for mode in ("forward", "stream-mean", "stream", "memory"):
         rows[mode] = child(mode, folder, args.work / f"pruned-{mode}", args.nsamples, args.seqlen)
         print(rows[mode], flush=True)
     same = _same_output(args.work / "pruned-stream", args.work / "pruned-memory")
@@ -114,7 +116,9 @@ def main() -> None:
         sparsity=0.5,
         rows=rows,
         stream_over_forward=rows["stream"]["seconds"] / rows["forward"]["seconds"],
+        stream_mean_over_forward=rows["stream-mean"]["seconds"] / rows["forward"]["seconds"],
         stream_peak_rss_over_weights=rows["stream"]["peak_rss_bytes"] / weights,
+        stream_mean_peak_rss_over_weights=rows["stream-mean"]["peak_rss_bytes"] / weights,
         memory_peak_rss_over_weights=rows["memory"]["peak_rss_bytes"] / weights,
         streamed_equals_in_memory=same,
     )
