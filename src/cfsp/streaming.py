@@ -1,11 +1,13 @@
 """Pruning a model that does not fit in memory: block weights are streamed from safetensors.
 
-The model is built on the meta device; only what runs before the blocks (embeddings, rotary
-tables) and the final norm are loaded. The one calibration pass then onloads each block's weights
-from the memory-mapped safetensors files onto the execution device, runs it, records its
-statistics and channel scores, and frees it. After allocation, the surgery pass onloads each block
-again, slices it, writes its tensors to their own output shard and frees it. Peak memory is the
-non-block tensors + one block + the calibration activations, whatever the model's depth.
+The model is built on the meta device with only the small tensors outside the blocks (norm,
+rotary tables) loaded; the embeddings are loaded just to compute block 0's inputs and the LM head
+never. The one calibration pass then onloads each block's weights from the safetensors files onto
+the execution device, runs it, records its statistics and channel scores, and frees it. After
+allocation, the surgery pass onloads each block again, slices it, writes its tensors to their own
+output shard and frees it (with the refit, or ``sequential``, that pass is a second calibration
+pass, so each block's Gram matrix exists only while the block is refit). Peak memory is one block
++ the calibration activations (+ the embedding during the capture), whatever the model's depth.
 
 The output is an ordinary pruned directory (sharded safetensors + index, config, modeling file,
 plan, tokenizer), written through an output reservation like every other cfsp output.
