@@ -65,6 +65,11 @@ class SafetensorsWeights:
     def keys(self) -> list[str]:
         return list(self.files)
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """A tensor's shape from its file's header, without reading the tensor."""
+        with loading_errors(self.files[key]), self._open(self.files[key], "pt") as handle:
+            return tuple(handle.get_slice(key).get_shape())
+
     def get(self, key: str) -> torch.Tensor:
         """A copy of one tensor. The file is mapped only for the read: a mapping held open would
         count every page read so far in the process's resident memory."""
@@ -80,6 +85,18 @@ def _set(module: nn.Module, name: str, device: torch.device | str, value: torch.
     from accelerate.utils import set_module_tensor_to_device
 
     set_module_tensor_to_device(module, name, device, value=value)
+
+
+def _load(module: nn.Module, name: str, weights: SafetensorsWeights, key: str, device, dtype) -> None:
+    """Put tensor ``key`` of the files into ``module.<name>``, which must have its shape."""
+    value = weights.get(key)
+    expected = module.get_parameter(name).shape
+    if value.shape != expected:
+        raise CfspError(
+            f"cannot load the model in {weights.folder}: its weights do not match the shapes in "
+            f"config.json ({key}: {tuple(value.shape)} in the files, {tuple(expected)} from the config)"
+        )
+    _set(module, name, device, _as(value, dtype))
 
 
 class StreamedBlocks(InMemoryBlocks):
@@ -101,8 +118,7 @@ class StreamedBlocks(InMemoryBlocks):
     def onload(self, index: int) -> None:
         block = self.block(index)
         for name, _ in list(block.named_parameters()):
-            value = self.weights.get(f"{self.prefix}.{index}.{name}")
-            _set(block, name, self.device, _as(value, self.dtype))
+            _load(block, name, self.weights, f"{self.prefix}.{index}.{name}", self.device, self.dtype)
 
     def offload(self, index: int) -> None:
         block = self.block(index)
@@ -119,7 +135,7 @@ class StreamedBlocks(InMemoryBlocks):
         names = {id(p): n for n, p in self.model.named_parameters()}
         embeddings = self.model.get_input_embeddings()
         for name, parameter in list(embeddings.named_parameters()):
-            _set(embeddings, name, self.device, _as(self.weights.get(names[id(parameter)]), self.dtype))
+            _load(embeddings, name, self.weights, names[id(parameter)], self.device, self.dtype)
 
     def after_capture(self) -> None:
         embeddings = self.model.get_input_embeddings()
@@ -173,13 +189,21 @@ def empty_model(
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     layers = decoder_blocks(model)
     prefix = next(name for name, module in model.named_modules() if module is layers) + "."
+    for name, parameter in model.named_parameters():  # fail now, not after the capture
+        if name in weights.files and weights.shape(name) != tuple(parameter.shape):
+            raise CfspError(
+                f"cannot load the model in {folder}: its weights do not match the shapes in config.json "
+                f"({name}: {weights.shape(name)} in the files, {tuple(parameter.shape)} from the config)"
+            )
+        if name.startswith(prefix) and name not in weights.files:
+            raise CfspError(f"cannot load the model in {folder}: the weights have no tensor {name!r}")
     # Loaded on demand instead: the blocks (one at a time) and the embeddings (for the capture);
     # the LM head is never run by the calibration pass.
     skip = {id(p) for p in model.get_input_embeddings().parameters()}
     skip |= {id(p) for p in model.get_output_embeddings().parameters()}
     for name, parameter in list(model.named_parameters()):
         if not name.startswith(prefix) and id(parameter) not in skip and name in weights.files:
-            _set(model, name, device, _as(weights.get(name), dtype))
+            _load(model, name, weights, name, device, dtype)
     for name, buffer in list(model.named_buffers()):
         _set(model, name, device, buffer)  # rotary tables and scales, built on the CPU at init
     model.tie_weights()
