@@ -47,13 +47,13 @@ def prepare(
     seqlen: int,
     seed: int = 0,
     time_forward: bool = True,
-    second_moments: bool = False,
+    second_moments: bool = True,
 ) -> DenseSetup:
     """Load ``name``, draw WikiText-2 validation windows, run the one calibration pass and time it.
 
     ``time_forward`` also times one plain forward pass of the same windows, the yardstick of the
     pruning cost; searches that only compare perplexities skip it. ``second_moments`` records the
-    Gram matrices the refit compensation needs.
+    Gram matrices the refit compensation (cfsp's default) needs.
     """
     model, tokenizer = cfsp.load_model(name)
     calib = cfsp.calibration_windows(tokenizer, n=nsamples, length=seqlen, seed=seed)

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cfsp.compensation import DEFAULT_DAMPING
 from cfsp.errors import CfspError, Terminated
 
 app = typer.Typer(
@@ -148,7 +149,7 @@ def prune(
     ] = None,
     refit_damping: Annotated[
         float, typer.Option(help="Ridge damping of the refit, relative to the mean activation variance.")
-    ] = 0.01,
+    ] = DEFAULT_DAMPING,
     reference: Annotated[
         bool, typer.Option("--reference", help="Use the reference implementation's numerics.")
     ] = False,

@@ -27,13 +27,14 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    # Defaults chosen by benchmarks/search_defaults.py (see the README's results): the relative-
-    # importance channel score plus mean compensation beat the reference's activation-only score.
+    # Defaults chosen by benchmarks/search_defaults.py and benchmarks/refit.py (see the README's
+    # results): the relative-importance channel score beat the reference's activation-only score,
+    # and the least-squares refit of down_proj beat mean compensation on both models.
     "cfsp": Method(
         "ria",
         "cfsp",
         128,
-        compensation="mean",
+        compensation="refit",
         summary="block angular importance -> sigmoid widths; relative weight x activation channel score",
         reference_defaults=dict(channel_metric="three_w_one_wa", compensation="none"),
     ),
