@@ -42,10 +42,22 @@ def run(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess:
     )
 
 
+def _default_signals() -> None:
+    """A background job inherits SIGINT ignored; a user's terminal run does not."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
     return subprocess.Popen(
-        [*CFSP, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        [*CFSP, *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        preexec_fn=_default_signals,
     )
 
 
