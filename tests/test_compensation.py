@@ -5,8 +5,9 @@ import torch
 from conftest import make_tiny_model
 
 import cfsp
-from cfsp.calibration import BlockStats, calibrate
+from cfsp.calibration import BlockStats, calibrate, symmetric_gram
 from cfsp.compensation import compensate
+from cfsp.errors import CfspError
 
 
 def _stats(x: torch.Tensor) -> BlockStats:
@@ -120,3 +121,27 @@ def test_sequential_refit_and_bad_settings(calib):
     stats = calibrate(make_tiny_model("llama"), calib, progress=False)
     with pytest.raises(cfsp.CfspError, match="second moments"):
         cfsp.prune(make_tiny_model("llama"), calib, 0.5, compensation="refit", stats=stats, progress=False)
+
+
+@pytest.mark.parametrize("shape", [(3, 1), (7, 5), (64, 130), (40, 257)])
+def test_symmetric_gram_equals_the_full_product(shape):
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert torch.allclose(symmetric_gram(x), x.T @ x, rtol=0, atol=1e-12)
+
+
+def test_gram_over_batches_equals_one_product_over_all_tokens():
+    x = torch.randn(6, 32, 24, generator=torch.Generator().manual_seed(4))
+    stats = BlockStats(second_moments=True)
+    for batch in x.split(2):
+        stats.add_channels(batch)
+    flat = x.flatten(0, 1).double()
+    assert torch.allclose(stats.gram, flat.T @ flat, rtol=1e-6, atol=1e-5)
+
+
+def test_non_finite_activations_stop_calibration_with_one_line():
+    model = make_tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("inf")
+    calib = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(5))
+    with pytest.raises(CfspError, match="NaN or inf in the activations of block 1"):
+        calibrate(model, calib, progress=False)

@@ -124,3 +124,34 @@ def test_streaming_smollm2_from_safetensors_equals_in_memory(smollm2, tmp_path):
     x = calib[:2, :64]
     with torch.no_grad():
         assert torch.equal(reloaded(x).logits, model(x).logits)
+
+
+def test_pruned_smollm2_runs_in_llama_cpp_like_in_transformers(smollm2, tmp_path):
+    """The default prune (refit bias included), exported as f16: llama.cpp predicts what transformers does."""
+    from gguf import GGUFReader
+
+    from cfsp.data import data_file, read_jsonl
+    from cfsp.evaluation import WIKITEXT_FILE, window_nll
+    from cfsp.export import export_gguf
+    from cfsp.llamacpp import perplexity as llama_cpp_perplexity
+    from cfsp.llamacpp import token_logits
+
+    dense, tokenizer, calib, stats, _ = smollm2
+    model = copy.deepcopy(dense)
+    result = cfsp.prune(model, calib, 0.5, stats=stats, progress=False)
+    cfsp.save_pruned(model, tokenizer, result, tmp_path / "pruned")
+    export_gguf(tmp_path / "pruned", tmp_path / "pruned.gguf", "f16", progress=False)
+    fields = GGUFReader(tmp_path / "pruned.gguf").fields
+    assert fields["deci.feed_forward_length"].contents() == result.widths
+    assert fields["tokenizer.ggml.pre"].contents() == "smollm"  # copied from the source GGUF
+
+    rows = [str(r.get("text", "")) for r in read_jsonl(data_file(WIKITEXT_FILE))]
+    ids = tokenizer("\n\n".join(rows[:200]), return_tensors="pt").input_ids[0]
+    windows = ids[: 2 * 256].reshape(2, 256)
+    with torch.no_grad():
+        reference = model(windows[:1, :64]).logits[0]
+    logits = token_logits(tmp_path / "pruned.gguf", windows[:1, :64])[0]
+    assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.98
+    total, count = window_nll(model, windows)
+    ours = llama_cpp_perplexity(tmp_path / "pruned.gguf", windows)
+    assert ours == pytest.approx(float(torch.exp(torch.tensor(total / count))), rel=0.01)

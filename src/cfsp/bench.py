@@ -155,14 +155,25 @@ def _summary(prefill: list[float], decode: list[float], batch: int, length: int,
     }
 
 
+Runner = Callable[[torch.Tensor, int], tuple[float, float]]  # (prompt, steps) -> (prefill s, decode s)
+
+
+def torch_runner(model: torch.nn.Module) -> Runner:
+    def run(prompt: torch.Tensor, steps: int) -> tuple[float, float]:
+        _, prefill, decode = greedy_decode(model, prompt, steps)
+        return prefill, decode
+
+    return run
+
+
 def _setting_row(
-    models: dict[str, torch.nn.Module], prompt: torch.Tensor, steps: int, repeats: int, warmup: int
+    runners: dict[str, Runner], prompt: torch.Tensor, steps: int, repeats: int, warmup: int
 ) -> dict:
     """Time every model on one prompt batch, alternating in ABBA order, and summarise the medians."""
-    times: dict[str, dict[str, list[float]]] = {name: {"prefill": [], "decode": []} for name in models}
+    times: dict[str, dict[str, list[float]]] = {name: {"prefill": [], "decode": []} for name in runners}
     for rep in range(warmup + repeats):
-        for name in list(models) if rep % 2 == 0 else list(reversed(models)):
-            _, prefill, decode = greedy_decode(models[name], prompt, steps)
+        for name in list(runners) if rep % 2 == 0 else list(reversed(runners)):
+            prefill, decode = runners[name](prompt, steps)
             if rep >= warmup:
                 times[name]["prefill"].append(prefill)
                 times[name]["decode"].append(decode)
@@ -198,16 +209,12 @@ def speed_benchmark(
     check_pair(dense, pruned)
     _check_positions(list(models.values()), prompt_lengths, decode_tokens)
     vocab = _vocab_size(list(models.values()), tokenizer)
-    generator = torch.Generator().manual_seed(seed)
     modes = {name: model.training for name, model in models.items()}
     for model in models.values():
         model.eval()
-    rows = []
+    runners = {name: torch_runner(model) for name, model in models.items()}
     try:
-        for batch in batch_sizes:
-            for length in prompt_lengths:
-                prompt = torch.randint(0, vocab, (batch, length), generator=generator)
-                rows.append(_setting_row(models, prompt, decode_tokens, repeats, warmup))
+        rows = _rows(runners, vocab, batch_sizes, prompt_lengths, decode_tokens, repeats, warmup, seed)
     finally:
         for name, model in models.items():
             model.train(modes[name])
@@ -228,6 +235,61 @@ def speed_benchmark(
         "order": "alternating ABBA",
         "decode": "greedy single-token steps on the KV cache, after the prefill (which yields one token)",
         "torch_version": torch.__version__,
+    }
+
+
+def _rows(runners, vocab, batch_sizes, prompt_lengths, decode_tokens, repeats, warmup, seed) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for batch in batch_sizes:
+        for length in prompt_lengths:
+            prompt = torch.randint(0, vocab, (batch, length), generator=generator)
+            rows.append(_setting_row(runners, prompt, decode_tokens, repeats, warmup))
+    return rows
+
+
+def llamacpp_speed_benchmark(
+    dense: str | os.PathLike,
+    pruned: str | os.PathLike,
+    prompt_lengths: tuple[int, ...] = (128, 512),
+    decode_tokens: int = 32,
+    repeats: int = 3,
+    warmup: int = 1,
+    seed: int = 0,
+    threads: int | None = None,
+) -> dict:
+    """:func:`speed_benchmark` for two GGUF files in llama.cpp: one sequence, same ABBA protocol."""
+    from cfsp.llamacpp import GreedyRunner, gguf_parameters, llama_cpp_module, open_model
+
+    check_bench_settings((1,), prompt_lengths, decode_tokens, repeats, warmup)
+    dense_params, pruned_params = gguf_parameters(dense), gguf_parameters(pruned)
+    if pruned_params >= dense_params:
+        log.warning(
+            f"the 'pruned' file has {pruned_params:,} weights, not fewer than the dense {dense_params:,}"
+        )
+    context = max(prompt_lengths) + decode_tokens + 1
+    threads = threads or torch.get_num_threads()
+    with open_model(dense, context, threads=threads) as a, open_model(pruned, context, threads=threads) as b:
+        if a.n_vocab() != b.n_vocab():
+            raise CfspError(
+                "the two files have different vocabularies: pass the dense model the pruned one came from"
+            )
+        runners = {"dense": GreedyRunner(a), "pruned": GreedyRunner(b)}
+        rows = _rows(runners, a.n_vocab(), (1,), prompt_lengths, decode_tokens, repeats, warmup, seed)
+    return {
+        "rows": rows,
+        "engine": "llama.cpp",
+        "dense_params": dense_params,
+        "pruned_params": pruned_params,
+        "param_ceiling": dense_params / pruned_params,
+        "device": "cpu",
+        "threads": threads,
+        "repeats": repeats,
+        "warmup": warmup,
+        "statistic": "median",
+        "order": "alternating ABBA",
+        "decode": "greedy single-token steps on the KV cache, after the prefill (which yields one token)",
+        "llama_cpp_python_version": llama_cpp_module().__version__,
     }
 
 

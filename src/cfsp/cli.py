@@ -283,6 +283,30 @@ def convert(
     console.print(f"wrote [bold]{out}[/]; prune it with: cfsp prune --model {out} --out ...")
 
 
+@app.command()
+@friendly_errors
+def export(
+    model: Annotated[str, typer.Argument(help="Pruned directory, HF directory, named default or .gguf.")],
+    out: Annotated[Path, typer.Option(help="The .gguf file to write.")],
+    format: Annotated[str, typer.Option("--format", help="Output format (gguf, for llama.cpp).")] = "gguf",
+    outtype: Annotated[str, typer.Option(help="Matrix storage: f32, f16, bf16 or q8_0.")] = "f16",
+    tokenizer_from: Annotated[
+        str | None,
+        typer.Option(help="Copy the tokenizer from this .gguf (or named default) instead of tokenizer.json."),
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a GGUF file cfsp wrote.")] = False,
+) -> None:
+    """Write a model as a GGUF file that llama.cpp runs, per-block FFN widths included."""
+    from cfsp.export import export_gguf
+
+    if format != "gguf":
+        raise CfspError(f"unknown --format {format!r}; gguf is the one export format")
+    export_gguf(model, out, outtype, tokenizer_from=tokenizer_from, overwrite=overwrite)
+    console.print(
+        f"wrote [bold]{out}[/]; run it with llama.cpp, or: cfsp bench --engine llamacpp DENSE.gguf {out}"
+    )
+
+
 @app.command("eval")
 @friendly_errors
 def eval_command(
@@ -321,8 +345,13 @@ def eval_command(
 @friendly_errors
 def bench(
     dense: Annotated[str, typer.Argument(help="The dense model (named default, directory or .gguf).")],
-    pruned: Annotated[str, typer.Argument(help="The pruned directory.")],
-    batch_sizes: Annotated[str, typer.Option(help="Comma-separated batch sizes.")] = "1,4",
+    pruned: Annotated[str, typer.Argument(help="The pruned directory (a .gguf with --engine llamacpp).")],
+    engine: Annotated[
+        str, typer.Option(help="transformers, or llamacpp for two .gguf files.")
+    ] = "transformers",
+    batch_sizes: Annotated[
+        str | None, typer.Option(help="Comma-separated batch sizes (default 1,4; llama.cpp: 1).")
+    ] = None,
     prompt_lengths: Annotated[str, typer.Option(help="Comma-separated prompt lengths.")] = "128,512",
     decode_tokens: Annotated[int, typer.Option(help="Tokens generated per decode measurement.")] = 32,
     repeats: Annotated[int, typer.Option(help="Measurements per model and setting (median).")] = 3,
@@ -336,8 +365,26 @@ def bench(
     from cfsp.models import resolve_device, resolve_dtype
     from cfsp.outdir import check_report_path
 
-    sizes, lengths = _csv("batch-sizes", batch_sizes, int), _csv("prompt-lengths", prompt_lengths, int)
+    if engine not in ("transformers", "llamacpp"):
+        raise CfspError(f"unknown --engine {engine!r}; choose transformers or llamacpp")
+    default_sizes = "1" if engine == "llamacpp" else "1,4"
+    sizes = _csv("batch-sizes", batch_sizes or default_sizes, int)
+    lengths = _csv("prompt-lengths", prompt_lengths, int)
     check_bench_settings(sizes, lengths, decode_tokens, repeats)
+    if engine == "llamacpp":
+        from cfsp.bench import llamacpp_speed_benchmark
+
+        if sizes != [1]:
+            raise CfspError("llama.cpp is timed on one sequence at a time; use --batch-sizes 1")
+        check_report_path(output)
+        result = llamacpp_speed_benchmark(
+            dense, pruned, tuple(lengths), decode_tokens=decode_tokens, repeats=repeats
+        )
+        for name, path in (("dense", dense), ("pruned", pruned)):
+            result[f"{name}_disk_bytes"] = size_on_disk(path)
+        console.print(format_bench_table(result, title="Speed in llama.cpp: pruned vs dense"))
+        _write_json(output, result)
+        return
     resolve_dtype(dtype, resolve_device(device))
     check_report_path(output)
     dense_model, tokenizer = cfsp.load_model(dense, dtype=dtype, device=device)

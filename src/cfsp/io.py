@@ -87,6 +87,9 @@ def write_pruned_metadata(model: nn.Module, tokenizer, result: PruneResult | dic
     base_class = type(model).__name__.removeprefix("Cfsp")
     plan["architecture"] = base_class
     plan["versions"] = _versions()
+    source = getattr(model.config, "name_or_path", None)
+    if source and "source_model" not in plan:
+        plan["source_model"] = str(source)  # a named default or a .gguf: the GGUF export's tokenizer
     if not (folder / "config.json").is_file():
         model.config.save_pretrained(folder)
     if tokenizer is not None:

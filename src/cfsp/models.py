@@ -135,7 +135,8 @@ def load_model(
         if quantizer is not None:
             quantizer.remove_quantization_config(model)
         model.config.__dict__.pop("quantization_config", None)
-        model.config.name_or_path = name
+        # Where the model came from: a GGUF export can copy its tokenizer from there.
+        model.config.name_or_path = name if name in NAMED_MODELS else str((path / gguf_file).resolve())
     check_supported(model)
     return model.to(device).eval(), tokenizer
 

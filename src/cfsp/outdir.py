@@ -33,7 +33,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from cfsp.errors import CfspError, Terminated
@@ -50,13 +50,17 @@ def staging_path(out: Path) -> Path:
 
 
 def check_output(
-    out_dir: str | os.PathLike, overwrite: bool = False, protect: Iterable[str | os.PathLike] = ()
+    out_dir: str | os.PathLike,
+    overwrite: bool = False,
+    protect: Iterable[str | os.PathLike] = (),
+    own_file: Callable[[Path], bool] | None = None,
 ) -> Path:
     """Validate an output path without writing anything; returns it resolved.
 
     Refused: a regular file; a location under a file or without write permission; the working
     directory, ``protect`` (the inputs) or a parent of any of them; a non-empty directory unless
-    ``overwrite``, and even then one that cfsp did not write.
+    ``overwrite``, and even then one that cfsp did not write. With ``own_file`` the output is a
+    single file instead, and ``own_file(path)`` tells whether an existing one is cfsp's to replace.
     """
     out = Path(out_dir).expanduser().resolve()
     for guarded in [Path.cwd(), *(Path(p).expanduser().resolve() for p in protect)]:
@@ -65,9 +69,11 @@ def check_output(
             raise CfspError(
                 f"refusing to write to {out}: it is {what} or a parent of it; choose another --out"
             )
-    if out.exists() and not out.is_dir():
+    if own_file is not None:
+        _check_own_file(out, overwrite, own_file)
+    elif out.exists() and not out.is_dir():
         raise CfspError(f"output path {out} is an existing file; choose a directory path for --out")
-    if out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise CfspError(f"output directory {out} is not empty; choose another path or pass --overwrite")
         if not (out / PLAN_FILE).is_file():
@@ -77,6 +83,19 @@ def check_output(
             )
     _check_location(out, "--out")
     return out
+
+
+def _check_own_file(out: Path, overwrite: bool, own_file: Callable[[Path], bool]) -> None:
+    if out.is_dir():
+        raise CfspError(f"output path {out} is a directory; give a file name for --out")
+    if out.exists():
+        if not overwrite:
+            raise CfspError(f"output file {out} exists; choose another path or pass --overwrite")
+        if not own_file(out):
+            raise CfspError(
+                f"refusing to overwrite {out}: it was not written by cfsp; "
+                "--overwrite only replaces cfsp output, choose another --out"
+            )
 
 
 def _check_location(target: Path, option: str) -> None:
@@ -166,7 +185,7 @@ def clean_stale(parent: Path) -> list[Path]:
             continue
         target = parent / staging.name[1 : -len(STAGING_SUFFIX)]
         old = staging / "old"
-        if old.is_dir() and not target.exists():
+        if old.exists() and not target.exists():
             os.rename(old, target)
             log.warning(f"restored {target} from an interrupted overwrite ({who})")
         shutil.rmtree(staging, ignore_errors=True)
@@ -244,6 +263,9 @@ def _apply_umask(folder: Path) -> None:
     another user must be able to read the output, like any other tool's.
     """
     mask = _current_umask()
+    if not folder.is_dir():
+        os.chmod(folder, 0o666 & ~mask)
+        return
     for root, dirs, files in os.walk(folder):
         for name in dirs:
             os.chmod(os.path.join(root, name), 0o777 & ~mask)
@@ -263,14 +285,20 @@ class StagedOutput:
     """Reserve ``out`` now, write into ``with StagedOutput(out) as folder:``, publish on success.
 
     On any exception (Ctrl-C, SIGTERM and SIGHUP included) the staging folder and any parent
-    directories this reservation created are removed, and ``out`` is as it was.
+    directories this reservation created are removed, and ``out`` is as it was. With ``own_file``
+    (see ``check_output``) the output is one file: the context gives the path to write it to.
     """
 
     def __init__(
-        self, out_dir: str | os.PathLike, overwrite: bool = False, protect: Iterable[str | os.PathLike] = ()
+        self,
+        out_dir: str | os.PathLike,
+        overwrite: bool = False,
+        protect: Iterable[str | os.PathLike] = (),
+        own_file: Callable[[Path], bool] | None = None,
     ) -> None:
         self.overwrite = overwrite
-        self.out = check_output(out_dir, overwrite, protect)
+        self.own_file = own_file
+        self.out = check_output(out_dir, overwrite, protect, own_file)
         self.staging = staging_path(self.out)
         self.folder = self.staging / "new"
         self._created: list[Path] = []
@@ -283,7 +311,8 @@ class StagedOutput:
             self._make_parents()
             clean_stale(self.out.parent)
             self._lock()
-            os.mkdir(self.folder)
+            if self.own_file is None:
+                os.mkdir(self.folder)
         except BaseException:
             self._release(failed=True)
             raise
@@ -333,8 +362,16 @@ class StagedOutput:
         raise CfspError(f"could not reserve {self.out}: {self.staging} keeps reappearing; remove it by hand")
 
     def _publish(self) -> None:
+        if not self.folder.exists():
+            raise CfspError(f"nothing was written for {self.out}")
         _apply_umask(self.folder)
-        if self.out.is_dir() and any(self.out.iterdir()):
+        if self.own_file is not None:
+            if self.out.exists():
+                _check_own_file(self.out, self.overwrite, self.own_file)
+                _exchange(self.folder, self.out, self.staging)
+            else:
+                _publish_new(self.folder, self.out)
+        elif self.out.is_dir() and any(self.out.iterdir()):
             if not self.overwrite:
                 raise CfspError(
                     f"{self.out} was written by another run meanwhile; choose another --out or pass --overwrite"
