@@ -177,6 +177,21 @@ def _bad_inputs(inputs: Path) -> dict[str, tuple[list[str], str]]:
             ["bench", f"{i}/qwen", f"{i}/pruned", "--batch-sizes", "1", "--prompt-lengths", "8"],
             "differ in model_type",
         ),
+        "export unknown outtype": (
+            ["export", f"{i}/tiny", "--out", "m.gguf", "--outtype", "q3"],
+            "--outtype",
+        ),
+        "export unknown format": (["export", f"{i}/tiny", "--out", "m.onnx", "--format", "onnx"], "--format"),
+        "export out is a directory": (["export", f"{i}/tiny", "--out", "mine"], "is a directory"),
+        "export over a foreign file": (
+            ["export", f"{i}/tiny", "--out", "mine/notes.txt", "--overwrite"],
+            "not written by cfsp",
+        ),
+        "export without BPE merges": (["export", f"{i}/tiny", "--out", "m.gguf"], "merges"),
+        "bench a directory with llama.cpp": (
+            ["bench", "--engine", "llamacpp", f"{i}/tiny", f"{i}/pruned"],
+            "not a file",
+        ),
         "unknown device": ([*prune, "--out", "o", "--device", "tpu"], "device"),
         "unknown dtype": (["eval", f"{i}/tiny", "--dtype", "float8"], "unknown dtype"),
     }

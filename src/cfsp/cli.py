@@ -368,7 +368,7 @@ def bench(
     if engine not in ("transformers", "llamacpp"):
         raise CfspError(f"unknown --engine {engine!r}; choose transformers or llamacpp")
     default_sizes = "1" if engine == "llamacpp" else "1,4"
-    sizes = _csv("batch-sizes", batch_sizes or default_sizes, int)
+    sizes = _csv("batch-sizes", default_sizes if batch_sizes is None else batch_sizes, int)
     lengths = _csv("prompt-lengths", prompt_lengths, int)
     check_bench_settings(sizes, lengths, decode_tokens, repeats)
     if engine == "llamacpp":

@@ -70,6 +70,7 @@ def gguf_module():
         import gguf
     except ImportError:
         raise CfspError("GGUF export needs the gguf package; run: pip install gguf") from None
+    logging.getLogger("gguf").setLevel(logging.ERROR)  # its notes repeat what cfsp reports
     return gguf
 
 
@@ -363,16 +364,27 @@ def byte_shape(shape: tuple[int, ...], kind) -> tuple[tuple[int, ...], int]:
 # --------------------------------------------------------------------------- tokenizer
 
 
-def write_tokenizer(writer, source: ExportSource, vocab_rows: int) -> None:
-    """Copy the source GGUF's tokenizer metadata, or build it from ``tokenizer.json``."""
+def tokenizer_metadata(source: ExportSource, vocab_rows: int) -> dict:
+    """The ``tokenizer.*`` keys (name -> GGUFValue), built before anything is written so that a
+    tokenizer llama.cpp could not load fails the export up front: copied from the source GGUF, or
+    built from ``tokenizer.json``."""
+    gguf = gguf_module()
+    scratch = gguf.GGUFWriter(None, ARCH)
     if source.tokenizer_gguf is not None:
-        _copy_tokenizer(writer, source.tokenizer_gguf, vocab_rows)
+        _copy_tokenizer(scratch, source.tokenizer_gguf, vocab_rows)
     elif source.tokenizer_dir is not None:
-        _tokenizer_from_json(writer, source.tokenizer_dir, vocab_rows)
+        _tokenizer_from_json(scratch, source.tokenizer_dir, vocab_rows)
     else:
         raise CfspError(
             "the model has no tokenizer (no tokenizer.json); pass --tokenizer-from with the source model's .gguf"
         )
+    fields = {k: v for k, v in scratch.kv_data[0].items() if k.startswith("tokenizer.")}
+    if fields["tokenizer.ggml.model"].value == "gpt2" and "tokenizer.ggml.merges" not in fields:
+        raise CfspError(
+            "the tokenizer has no BPE merges, without which llama.cpp cannot load it; pass --tokenizer-from "
+            "with the source model's .gguf"
+        )
+    return fields
 
 
 def _copy_tokenizer(writer, path: Path, vocab_rows: int) -> None:
@@ -485,15 +497,16 @@ def export_gguf(
     shape = check_exportable(source.config)
     plan = tensor_plan(source.weights, source.config, shape)
     vocab_rows = source.weights.shape("model.embed_tokens.weight")[0]
+    tokenizer = tokenizer_metadata(source, vocab_rows)
     with staged as path:
         writer = gguf.GGUFWriter(path, ARCH)
-        _write(writer, source, shape, plan, outtype, vocab_rows, progress)
+        _write(writer, source, shape, plan, outtype, tokenizer, progress)
     log.info(f"wrote {out} ({shape.layers} blocks, FFN widths {min(shape.widths)}..{max(shape.widths)})")
     return Path(out)
 
 
 def _write(
-    writer, source: ExportSource, shape: DeciShape, plan, outtype: str, vocab_rows: int, progress: bool
+    writer, source: ExportSource, shape: DeciShape, plan, outtype: str, tokenizer: dict, progress: bool
 ):
     from importlib import metadata
 
@@ -512,7 +525,8 @@ def _write(
     writer.add_string(MARKER, metadata.version("cfsp"))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     write_hyperparameters(writer, source.config, shape)
-    write_tokenizer(writer, source, vocab_rows)
+    for key, value in tokenizer.items():
+        writer.add_key_value(key, value.value, value.type, value.sub_type)
     entries = list(_entries(source, shape, plan, outtype))
     for name, tensor_shape, kind, _ in entries:
         stored, nbytes = byte_shape(tensor_shape, kind)
