@@ -163,8 +163,10 @@ class InMemoryBlocks:
     def begin_output(self) -> None:
         """The next pass over the blocks produces the final weights."""
 
-    def before_capture(self) -> None:
-        """What runs before the blocks (the embeddings) is about to be needed."""
+    def before_capture(self, windows: torch.Tensor) -> torch.Tensor:
+        """What runs before the blocks (the embeddings) is about to be needed for ``windows``;
+        returns the token ids to run it on (a streamed placement may renumber them)."""
+        return windows
 
     def after_capture(self) -> None:
         """Block 0's inputs are captured; what ran before the blocks can go."""
@@ -208,8 +210,7 @@ def calibrate(
             f"calibration windows must be a non-empty [n, length] tensor, got {tuple(windows.shape)}"
         )
     blocks = decoder_blocks(model)
-    placement.before_capture()
-    captured = capture_block_inputs(model, windows, batch_size)
+    captured = capture_block_inputs(model, placement.before_capture(windows), batch_size)
     placement.after_capture()
     inputs = captured.hidden
     all_stats: list[BlockStats] = []

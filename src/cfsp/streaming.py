@@ -70,6 +70,13 @@ class SafetensorsWeights:
         with loading_errors(self.files[key]), self._open(self.files[key], "pt") as handle:
             return tuple(handle.get_slice(key).get_shape())
 
+    def rows(self, key: str, index: list[int]) -> torch.Tensor:
+        """Rows ``index`` of a matrix, read without the rest of it (a 128k-token embedding is 1 GB
+        in float32; the calibration windows use a few thousand of its rows)."""
+        with loading_errors(self.files[key]), self._open(self.files[key], "pt") as handle:
+            view = handle.get_slice(key)
+            return torch.cat([view[i : i + 1] for i in index])
+
     def get(self, key: str) -> torch.Tensor:
         """A copy of one tensor. The file is mapped only for the read: a mapping held open would
         count every page read so far in the process's resident memory."""
@@ -130,17 +137,24 @@ class StreamedBlocks(InMemoryBlocks):
     def begin_output(self) -> None:
         self.writing = True
 
-    def before_capture(self) -> None:
-        """The embeddings are needed only to compute block 0's inputs."""
-        names = {id(p): n for n, p in self.model.named_parameters()}
+    def before_capture(self, windows: torch.Tensor) -> torch.Tensor:
+        """Load only the embedding rows the windows use, and renumber the windows to match.
+
+        The embeddings are needed only to compute block 0's inputs, and those depend on a token's
+        row alone (positions and masks come from the shape), so a compact table gives the same
+        inputs at a fraction of the memory.
+        """
         embeddings = self.model.get_input_embeddings()
-        for name, parameter in list(embeddings.named_parameters()):
-            _load(embeddings, name, self.weights, names[id(parameter)], self.device, self.dtype)
+        key = next(n for n, p in self.model.named_parameters() if p is embeddings.weight)
+        self._full_shape = tuple(embeddings.weight.shape)
+        used, renumbered = torch.unique(windows, return_inverse=True)
+        table = _as(self.weights.rows(key, used.tolist()), self.dtype).to(self.device)
+        embeddings.weight = nn.Parameter(table, requires_grad=False)
+        return renumbered
 
     def after_capture(self) -> None:
         embeddings = self.model.get_input_embeddings()
-        for name, _ in list(embeddings.named_parameters()):
-            _set(embeddings, name, "meta")
+        embeddings.weight = nn.Parameter(torch.empty(self._full_shape, device="meta"), requires_grad=False)
         self.model.tie_weights()  # a tied LM head shares the embedding again (for parameter counts)
 
 
@@ -269,15 +283,12 @@ def stream_into(
     weights = SafetensorsWeights(folder)
     model = empty_model(folder, weights, execution, compute_dtype)
     placement = StreamedBlocks(model, weights, execution, compute_dtype)
-    placement.writer = ShardWriter(staging, len(decoder_blocks(model)) + 1)
-    result = prune(model, calib, sparsity, placement=placement, **options)
     block_prefix = placement.prefix + "."
-    rest = {
-        key: _as(weights.get(key), compute_dtype)
-        for key in weights.keys()
-        if not key.startswith(block_prefix)
-    }
-    placement.writer.write("", rest)
+    rest = [key for key in weights.keys() if not key.startswith(block_prefix)]
+    placement.writer = ShardWriter(staging, len(decoder_blocks(model)) + len(rest))
+    result = prune(model, calib, sparsity, placement=placement, **options)
+    for key in rest:  # one shard each: at most one of the large ones (embeddings, LM head) in memory
+        placement.writer.write("", {key: _as(weights.get(key), compute_dtype)})
     placement.writer.finish()
     if (folder / "generation_config.json").is_file():
         shutil.copyfile(folder / "generation_config.json", staging / "generation_config.json")
