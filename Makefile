@@ -7,6 +7,9 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export CMAKE_BUILD_PARALLEL_LEVEL := $(shell nproc)
+# llama.cpp for x86-64 with AVX2, not -march=native: some virtual machines report AMX tiles that
+# they do not enable, and llama.cpp's AMX kernels then die with an illegal instruction.
+export CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_BMI2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
 .PHONY: install demo test test-unit lint bench bench-recovery clean
 

@@ -112,6 +112,6 @@ def tokenizer():
 
 @pytest.fixture
 def calib() -> torch.LongTensor:
-    """Eight random windows of 32 tokens."""
+    """Sixteen random windows of 64 tokens."""
     generator = torch.Generator().manual_seed(0)
-    return torch.randint(4, VOCAB, (8, 32), generator=generator)
+    return torch.randint(4, VOCAB, (16, 64), generator=generator)  # enough tokens for the refit

@@ -35,7 +35,7 @@ def bpe_tokenizer() -> PreTrainedTokenizerFast:
 def pruned_directory(family: str, folder, method: str = "flap", compensation: str = "refit"):
     """A tiny model pruned to uneven widths (FLAP's global ranking), with its down_proj bias."""
     model = make_tiny_model(family)
-    calib = torch.randint(4, 260, (8, 32), generator=torch.Generator().manual_seed(0))
+    calib = torch.randint(4, 260, (16, 64), generator=torch.Generator().manual_seed(0))
     result = cfsp.prune(model, calib, 0.5, method=method, compensation=compensation, progress=False)
     cfsp.save_pruned(model, bpe_tokenizer(), result, folder)
     return model, result

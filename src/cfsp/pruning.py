@@ -12,7 +12,7 @@ from torch import nn
 
 from cfsp import allocation as alloc
 from cfsp.calibration import BlockStats, InMemoryBlocks, calibrate
-from cfsp.compensation import COMPENSATIONS, DEFAULT_DAMPING, compensate
+from cfsp.compensation import COMPENSATIONS, DEFAULT_DAMPING, compensate, refit_or_mean
 from cfsp.errors import CfspError
 from cfsp.methods import ALLOCATIONS, get_method, needs_calibration
 from cfsp.models import (
@@ -163,6 +163,9 @@ def prune(
     )
     kept = [k if k.numel() else s.argmax().view(1) for k, s in zip(kept, scores, strict=True)]
     check_realised(sparsity, [k.numel() for k in kept], original, multiple, rounding, allow_inexact)
+    if refit:
+        compensation = refit_or_mean(stats[0].tokens, max(k.numel() for k in kept))
+        refit = compensation == "refit"
 
     placement.begin_output()
     if sequential or (refit and placement.streams):  # streamed: no Gram matrices kept from pass one
