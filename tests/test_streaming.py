@@ -27,6 +27,7 @@ def _source(family, tmp_path, shard=False):
         dict(sequential=True),
         dict(sequential=True, compensation="refit"),
         dict(compensation="refit"),
+        dict(sequential=True, offload_activations=True),
     ],
 )
 def test_streamed_pruning_equals_in_memory_pruning(family, calib, tmp_path, options):

@@ -1,9 +1,10 @@
 """cfsp: coarse-to-fine structured pruning of LLM feed-forward layers, and its recovery."""
 
-from cfsp.bench import speed_benchmark
+from cfsp.bench import llamacpp_speed_benchmark, speed_benchmark
 from cfsp.data import calibration_windows
 from cfsp.errors import CfspError
 from cfsp.evaluation import evaluate
+from cfsp.export import export_gguf
 from cfsp.io import apply_plan, load_pruned, read_plan, save_pruned
 from cfsp.models import load_model
 from cfsp.pruning import PruneResult, prune
@@ -16,6 +17,8 @@ __all__ = [
     "apply_plan",
     "calibration_windows",
     "evaluate",
+    "export_gguf",
+    "llamacpp_speed_benchmark",
     "load_model",
     "load_pruned",
     "prune",

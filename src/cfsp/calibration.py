@@ -153,6 +153,7 @@ class InMemoryBlocks:
 
     writing = False
     streams = False  # True: weights are re-read per pass, so nothing per block should be held
+    offload_activations = False  # True: calibration activations wait on the CPU between blocks
 
     def onload(self, index: int) -> None:
         """Make block ``index``'s weights available on the execution device."""
@@ -212,7 +213,8 @@ def calibrate(
     blocks = decoder_blocks(model)
     captured = capture_block_inputs(model, placement.before_capture(windows), batch_size)
     placement.after_capture()
-    inputs = captured.hidden
+    store = torch.device("cpu") if placement.offload_activations else None
+    inputs = captured.hidden if store is None else [x.to(store) for x in captured.hidden]
     all_stats: list[BlockStats] = []
     bar = tqdm(total=len(blocks), desc="calibrating blocks", unit="block", disable=not progress)
     started = time.perf_counter()
@@ -224,14 +226,12 @@ def calibrate(
                 lambda _module, args, stats=stats: stats.add_channels(args[0])
             )
             try:
-                outputs = [run_block(block, x, captured.block_args[index][i]) for i, x in enumerate(inputs)]
+                outputs = _run_batches(block, inputs, captured.block_args[index], store, stats)
             finally:
                 hook.remove()
-            for x, y in zip(inputs, outputs, strict=True):
-                stats.add_block_io(x, y)
             _check_finite(stats, index)
             if after_block is not None and after_block(index, stats):
-                outputs = [run_block(block, x, captured.block_args[index][i]) for i, x in enumerate(inputs)]
+                outputs = _run_batches(block, inputs, captured.block_args[index], store)
             placement.offload(index)
             all_stats.append(stats)
             inputs = outputs
@@ -240,6 +240,29 @@ def calibrate(
             bar.update(1)
     bar.close()
     return all_stats
+
+
+def _run_batches(
+    block: nn.Module,
+    inputs: list[torch.Tensor],
+    calls: list[tuple[tuple, dict]],
+    store: torch.device | None,
+    stats: BlockStats | None = None,
+) -> list[torch.Tensor]:
+    """The block's outputs for every batch (recording how it moved them into ``stats``).
+
+    With ``store`` (offloaded activations) each batch comes to the block's device just for its
+    turn and its output goes back, so the device holds one batch, not all of them.
+    """
+    device = next(block.parameters()).device
+    outputs = []
+    for x, call in zip(inputs, calls, strict=True):
+        here = x if store is None else x.to(device)
+        y = run_block(block, here, call)
+        if stats is not None:
+            stats.add_block_io(here, y)
+        outputs.append(y if store is None else y.to(store))
+    return outputs
 
 
 def _check_finite(stats: BlockStats, index: int) -> None:

@@ -170,6 +170,13 @@ def prune(
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     batch_size: Annotated[int, typer.Option(help="Windows per forward batch during calibration.")] = 8,
+    offload_activations: Annotated[
+        bool,
+        typer.Option(
+            "--offload-activations",
+            help="Keep calibration activations on the CPU between blocks (small GPUs).",
+        ),
+    ] = False,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Prune a model's FFN channels and save a smaller dense model."""
@@ -224,7 +231,12 @@ def prune(
                 tokenizer, source=calib_source, n=nsamples, length=seqlen, seed=seed, data_dir=data_dir
             )
             calibration = describe_windows(calib_source, nsamples, seqlen, seed)
-        settings = dict(calibration=calibration, allow_inexact=allow_inexact, **options)
+        settings = dict(
+            calibration=calibration,
+            allow_inexact=allow_inexact,
+            offload_activations=offload_activations,
+            **options,
+        )
         if streamed:
             result, cost = pruning_cost(
                 stream_into, Path(model), calib, sparsity, folder, device=device, dtype=dtype, **settings

@@ -82,6 +82,7 @@ def prune(
     stats: list[BlockStats] | None = None,
     allow_inexact: bool = False,
     placement: InMemoryBlocks | None = None,
+    offload_activations: bool = False,
 ) -> PruneResult:
     """Prune the FFN channels of ``model`` in place to a global FFN ``sparsity``.
 
@@ -97,7 +98,9 @@ def prune(
     Widths that miss the target by more than ``SPARSITY_TOLERANCE`` (a multiple too coarse for the
     FFN) are an error unless ``allow_inexact``, which only warns. Every option is checked before
     any work, so a typo fails in a second, not after the calibration pass. ``placement`` says where
-    block weights live (default: in memory; ``cfsp.streaming`` streams them from safetensors).
+    block weights live (default: in memory; ``cfsp.streaming`` streams them from safetensors);
+    ``offload_activations`` keeps the calibration activations on the CPU between blocks, for a GPU
+    that holds a block but not ``nsamples x seqlen x hidden`` activations twice.
     """
     started = time.perf_counter()
     opts = resolve_options(
@@ -132,6 +135,7 @@ def prune(
     check_achievable(sparsity, original, multiple, rounding, allow_inexact)
     params_before = count_parameters(model)
     placement = placement or InMemoryBlocks()
+    placement.offload_activations = offload_activations
     scores: list[torch.Tensor | None] = [None] * len(blocks)
 
     def score(index: int, block_stats: BlockStats | None) -> bool:
