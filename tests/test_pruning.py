@@ -190,12 +190,7 @@ def test_sequential_scores_each_block_on_the_pruned_prefix(calib):
     for index, width in enumerate(dense.widths):
         stats = calibrate(expected, calib, progress=False)[index]
         mlp = expected.model.layers[index].mlp
-        inputs = ChannelInputs(
-            mlp.down_proj.weight.double(),
-            mlp.up_proj.weight.double().T,
-            mlp.gate_proj.weight.double().T,
-            stats,
-        )
+        inputs = ChannelInputs(mlp.down_proj.weight, mlp.up_proj.weight, mlp.gate_proj.weight, stats)
         kept = top_channels(channel_scores("three_w_one_wa", inputs), width)
         assert result.kept_channels[index].tolist() == kept.tolist(), index
         slice_mlp(mlp, kept)
@@ -248,3 +243,26 @@ def test_offloaded_activations_give_the_same_model(calib, options):
             logits.append(model(calib[:2]).logits)
     assert [k.tolist() for k in results[0].kept_channels] == [k.tolist() for k in results[1].kept_channels]
     assert torch.equal(logits[0], logits[1])
+
+
+def test_a_model_dispatched_by_accelerate_prunes_and_keeps_its_hooks(calib):
+    """device_map="auto" wraps each block's forward in a hook that moves inputs to the block's
+    device; the calibration pass must run through it and leave it in place."""
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    plain, hooked = make_tiny_model("llama"), make_tiny_model("llama")
+    for block in hooked.model.layers:
+        add_hook_to_module(block, AlignDevicesHook(execution_device="cpu", io_same_device=True))
+    expected = cfsp.prune(plain, calib, 0.5, multiple=32, progress=False)
+    result = cfsp.prune(hooked, calib, 0.5, multiple=32, progress=False)
+    assert [k.tolist() for k in result.kept_channels] == [k.tolist() for k in expected.kept_channels]
+    assert all("forward" in block.__dict__ and hasattr(block, "_hf_hook") for block in hooked.model.layers)
+    with torch.no_grad():
+        assert torch.equal(hooked(calib[:2]).logits, plain(calib[:2]).logits)
+
+
+def test_offloaded_weights_are_refused_in_one_line(calib):
+    model = make_tiny_model("llama")
+    model.model.layers[1].mlp.up_proj.weight = torch.nn.Parameter(torch.empty(256, 64, device="meta"))
+    with pytest.raises(cfsp.CfspError, match="weights are offloaded"):
+        cfsp.prune(model, calib, 0.5, multiple=32, progress=False)

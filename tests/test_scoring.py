@@ -33,7 +33,13 @@ def block():
 
 
 def _inputs(block, **kw):
-    return ChannelInputs(down=block["down"], up=block["up"], gate=block["gate"], stats=block["stats"], **kw)
+    return ChannelInputs(
+        down_weight=block["down"],
+        up_weight=block["up"].T,
+        gate_weight=block["gate"].T,
+        stats=block["stats"],
+        **kw,
+    )
 
 
 def _rms(block):

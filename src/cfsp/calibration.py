@@ -130,6 +130,9 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
 
         return forward
 
+    # A model dispatched over several devices by accelerate (device_map="auto") has its blocks'
+    # forward already wrapped by a hook that moves inputs to the block's device: put it back after.
+    wrapped = [block.__dict__.get("forward") for block in blocks]
     for index, block in enumerate(blocks):
         block.forward = recorder(index)
     device = model.get_input_embeddings().weight.device
@@ -138,8 +141,11 @@ def capture_block_inputs(model: nn.Module, windows: torch.Tensor, batch_size: in
             for batch in windows.split(batch_size):
                 model.model(input_ids=batch.to(device), use_cache=False)
     finally:
-        for block in blocks:
-            del block.forward
+        for block, forward in zip(blocks, wrapped, strict=True):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
     return CapturedInputs(hidden=hidden, block_args=block_args)
 
 

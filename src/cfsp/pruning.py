@@ -21,7 +21,6 @@ from cfsp.models import (
     count_parameters,
     decoder_blocks,
     ffn_widths,
-    statistics_device,
 )
 from cfsp.scoring import BLOCK_METRICS, CHANNEL_METRICS, ChannelInputs, block_importance, channel_scores
 from cfsp.surgery import set_config_widths, slice_mlp
@@ -127,6 +126,12 @@ def prune(
     if sequential and calib is None:
         raise CfspError("sequential pruning needs calibration windows (pass calib / --calib-source)")
     check_supported(model)
+    if placement is None and any(p.is_meta for p in model.parameters()):
+        raise CfspError(
+            "some weights are offloaded (device_map with cpu/disk offload leaves them on the meta device) "
+            "and cannot be pruned in place; prune the safetensors directory instead, which streams it "
+            "block by block: cfsp prune --model DIR"
+        )
     wants_stats = needs_calibration(channel_metric, allocation) or compensation != "none"
     if wants_stats and calib is None and stats is None:
         raise CfspError(f"method {method!r} needs calibration windows (pass calib / --calib-source)")
@@ -379,11 +384,10 @@ def _block_scores(
     mlp: nn.Module, stats: BlockStats | None, metric: str, b: float, c: float, reference: bool
 ) -> torch.Tensor:
     """Channel scores of one block's MLP from its recorded statistics."""
-    device = statistics_device(mlp.down_proj.weight.device)
     inputs = ChannelInputs(
-        down=mlp.down_proj.weight.detach().to(device, torch.float64),
-        up=mlp.up_proj.weight.detach().to(device, torch.float64).T,
-        gate=mlp.gate_proj.weight.detach().to(device, torch.float64).T,
+        down_weight=mlp.down_proj.weight,
+        up_weight=mlp.up_proj.weight,
+        gate_weight=mlp.gate_proj.weight,
         stats=stats,
         b=b,
         c=c,

@@ -14,6 +14,7 @@ import torch
 
 from cfsp.calibration import BlockStats
 from cfsp.errors import CfspError
+from cfsp.models import statistics_device
 
 # ---------------------------------------------------------------------------------------------
 # Block (coarse) metrics: mean over calibration tokens.
@@ -42,13 +43,31 @@ def block_importance(stats: list[BlockStats], metric: str = "angular") -> list[f
 class ChannelInputs:
     """Everything a channel metric may use, as [H, D] weights (rows = hidden units) and [D] stats."""
 
-    down: torch.Tensor  # down_proj.weight            [H, D]
-    up: torch.Tensor  # up_proj.weight.T              [H, D]
-    gate: torch.Tensor  # gate_proj.weight.T          [H, D]
+    down_weight: torch.Tensor  # down_proj.weight        [H, D], in the model's dtype and device
+    up_weight: torch.Tensor  # up_proj.weight            [D, H]
+    gate_weight: torch.Tensor  # gate_proj.weight        [D, H]
     stats: BlockStats
     b: float = 1.0
     c: float = 1.0
     reference: bool = False
+
+    # The float64 [H, D] views are made on each use, not held: three float64 copies of a wide
+    # block's matrices (400 MB at Llama-3.2-1B's shape) would dominate a streamed run's memory.
+
+    def _as_float64(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.detach().to(statistics_device(weight.device), torch.float64)
+
+    @property
+    def down(self) -> torch.Tensor:
+        return self._as_float64(self.down_weight)
+
+    @property
+    def up(self) -> torch.Tensor:
+        return self._as_float64(self.up_weight).T
+
+    @property
+    def gate(self) -> torch.Tensor:
+        return self._as_float64(self.gate_weight).T
 
     @property
     def act_norm(self) -> torch.Tensor:

@@ -15,6 +15,7 @@ plan, tokenizer), written through an output reservation like every other cfsp ou
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
@@ -133,6 +134,7 @@ class StreamedBlocks(InMemoryBlocks):
             self.writer.write(f"{self.prefix}.{index}.", block.state_dict())
         for name, _ in list(block.named_parameters()):
             _set(block, name, "meta")
+        _return_freed_memory()
 
     def begin_output(self) -> None:
         self.writing = True
@@ -183,6 +185,15 @@ class ShardWriter:
             "weight_map": dict(sorted(self.weight_map.items())),
         }
         (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def _return_freed_memory() -> None:
+    """Hand the memory freed by a finished block back to the system (glibc keeps freed chunks of a
+    fragmented heap otherwise: on a 16-block 1B model the process grew ~50 MB per block)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _as(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
