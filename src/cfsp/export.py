@@ -45,6 +45,7 @@ _NOT_EXPORTABLE = {
     "gemma3_text": "its blocks have four norms, scaled embeddings and sliding-window layers, which "
     "llama.cpp's deci architecture lacks",
 }
+_NOT_EXPORTABLE["gemma3"] = _NOT_EXPORTABLE["gemma3_text"]
 
 _BLOCK_TENSORS = {  # Hugging Face name inside model.layers.N -> GGUF name inside blk.N
     "input_layernorm": "attn_norm",
@@ -114,8 +115,9 @@ def open_source(model: str | os.PathLike, tokenizer_from: str | os.PathLike | No
     if name in NAMED_MODELS or (path.is_file() and path.suffix == ".gguf"):
         from cfsp.models import load_model
 
-        loaded, _ = load_model(name, dtype="float32", device="cpu")
         source_gguf = resolve_gguf(name) if name in NAMED_MODELS else path.resolve()
+        _check_gguf_architecture(source_gguf)  # before the minutes a large GGUF takes to load
+        loaded, _ = load_model(name, dtype="float32", device="cpu")
         return ExportSource(
             config=loaded.config.to_dict(),
             weights=StateDictWeights(loaded.state_dict()),
@@ -140,6 +142,14 @@ def open_source(model: str | os.PathLike, tokenizer_from: str | os.PathLike | No
         tokenizer_gguf=gguf_tokenizer,
         name=path.resolve().name,
     )
+
+
+def _check_gguf_architecture(path: Path) -> None:
+    """A GGUF source of an architecture the export refuses fails before it is de-quantized."""
+    field = gguf_module().GGUFReader(path).fields.get("general.architecture")
+    arch = field.contents() if field is not None else None
+    if arch not in ("llama", "qwen2"):  # GGUF writes Mistral models as llama
+        check_exportable({"model_type": arch})
 
 
 def _tokenizer_gguf(value: str | os.PathLike) -> Path:
