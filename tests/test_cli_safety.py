@@ -161,6 +161,10 @@ def _bad_inputs(inputs: Path) -> dict[str, tuple[list[str], str]]:
             ["recover", f"{i}/pruned", "--out", "r", "--lr", "nan", "--data", f"{i}/corpus.txt"],
             "lr must be a finite",
         ),
+        "recover unknown objective": (
+            ["recover", f"{i}/pruned", "--out", "r", "--objective", "dpo", "--data", f"{i}/corpus.txt"],
+            "unknown objective",
+        ),
         "recover into its input": (
             ["recover", f"{i}/pruned", "--out", f"{i}/pruned", "--overwrite", "--data", f"{i}/corpus.txt"],
             "the input",

@@ -432,6 +432,14 @@ def recover(
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 4,
     seqlen: Annotated[int, typer.Option(help="Maximum tokens per example.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    objective: Annotated[
+        str, typer.Option(help="lm (next-token loss), kd (distil the dense model) or lm+kd.")
+    ] = "lm",
+    teacher: Annotated[
+        str | None,
+        typer.Option(help="The dense model for kd (default: the model the plan was pruned from)."),
+    ] = None,
+    kd_temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 1.0,
     checkpoint_dir: Annotated[
         Path | None, typer.Option(help="Trainer checkpoints (default: OUT.checkpoints).")
     ] = None,
@@ -462,14 +470,23 @@ def recover(
         grad_accum=grad_accum,
         seqlen=seqlen,
         seed=seed,
+        objective=objective,
+        kd_temperature=kd_temperature,
     )
     plan = cfsp.read_plan(pruned_dir)
+    if objective != "lm":
+        teacher = teacher or plan.get("source_model")
+        if teacher is None:
+            raise CfspError(
+                f"objective {objective!r} needs the dense model: pass --teacher (its plan names no source model)"
+            )
     resolve_recovery_source(data, data_dir)
     resolve_dtype(dtype, resolve_device(device))
     checkpoints = (checkpoint_dir or out.with_name(out.name + ".checkpoints")).expanduser()
     fresh_checkpoints = not checkpoints.exists()
     with StagedOutput(out, overwrite, protect=[pruned_dir, checkpoints]) as folder:
         model, tokenizer = cfsp.load_pruned(pruned_dir, dtype=dtype, device=device)
+        dense = cfsp.load_model(teacher, dtype=dtype, device=device)[0] if objective != "lm" else None
         if tokenizer is None:
             raise CfspError(
                 f"{pruned_dir} has no tokenizer, which recovery needs; save it with its tokenizer"
@@ -485,6 +502,7 @@ def recover(
                 resume=resume,
                 save_adapter=save_adapter,
                 data_root=data_dir,
+                teacher=dense,
             )
         except BaseException:
             if fresh_checkpoints and checkpoints.is_dir() and not any(checkpoints.glob("checkpoint-*")):

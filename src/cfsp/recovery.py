@@ -57,6 +57,7 @@ DEFAULT_TARGETS: tuple[str, ...] = (
 )
 BUDGET_TOLERANCE = 0.02  # importance and uniform budgets must agree within this fraction
 IGNORE_INDEX = -100  # label value the causal-LM loss skips
+OBJECTIVES = ("lm", "kd", "lm+kd")  # next-token loss, distillation from the dense model, or both
 
 # Named recovery sets: name -> file inside the data directory.
 RECOVERY_SOURCES: dict[str, str] = {
@@ -103,6 +104,8 @@ class RecoveryConfig:
     gradient_checkpointing: bool = False
     bf16: bool = False
     seed: int = 0
+    objective: str = "lm"  # see cfsp.distillation; kd and lm+kd need the dense model as teacher
+    kd_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         self.target_modules = tuple(self.target_modules)
@@ -118,7 +121,12 @@ class RecoveryConfig:
         for name, value in positive.items():
             if value < 1:
                 raise CfspError(f"recovery {name} must be >= 1, got {value}")
-        numbers = {"lr": self.lr, "dropout": self.dropout, "weight_decay": self.weight_decay}
+        numbers = {
+            "lr": self.lr,
+            "dropout": self.dropout,
+            "weight_decay": self.weight_decay,
+            "kd_temperature": self.kd_temperature,
+        }
         if self.alpha is not None:
             numbers["alpha"] = self.alpha
         for name, value in numbers.items():
@@ -132,6 +140,10 @@ class RecoveryConfig:
             raise CfspError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if self.lr <= 0:
             raise CfspError(f"learning rate must be > 0, got {self.lr}")
+        if self.objective not in OBJECTIVES:
+            raise CfspError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.kd_temperature <= 0:
+            raise CfspError(f"kd_temperature must be > 0, got {self.kd_temperature}")
         if self.seqlen < 2:
             raise CfspError(f"recovery seqlen must be >= 2 tokens, got {self.seqlen}")
         if self.max_samples is not None and self.max_samples < 1:
@@ -703,6 +715,7 @@ def recover(
     resume: bool | str | os.PathLike = False,
     save_adapter: str | os.PathLike | None = None,
     data_root: str | os.PathLike | None = None,
+    teacher: nn.Module | None = None,
 ) -> RecoveryResult:
     """Train (IG-)LoRA adapters on ``data`` with the HF Trainer, merge them, return the plain model.
 
@@ -710,10 +723,16 @@ def recover(
     ``RecoveryDataset`` or a source for ``load_recovery_data``. Checkpoints go to
     ``output_dir/checkpoint-N``; ``resume=True`` continues from the latest one (the same base
     model must be passed again). ``save_adapter`` also writes the adapter alone before merging.
+    ``teacher``: the dense model, for ``config.objective`` ``kd`` or ``lm+kd`` (it stays on its
+    own device and is never trained).
     """
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
+
+    from cfsp.distillation import distillation_trainer
 
     config = config or RecoveryConfig()
+    if config.objective != "lm" and teacher is None:
+        raise CfspError(f"objective {config.objective!r} needs the dense model as teacher (--teacher)")
     if save_adapter is not None:
         check_output(save_adapter)
     ranks, budget = plan_ranks(model, block_importance, config)  # cheap checks before tokenizing
@@ -732,7 +751,8 @@ def recover(
     if actual != budget["trainable_params"]:
         raise RuntimeError(f"peft built {actual} trainable parameters, expected {budget['trainable_params']}")
     start = _start_step_callback()
-    trainer = Trainer(
+    trainer_class = distillation_trainer(teacher, config.objective, config.kd_temperature)
+    trainer = trainer_class(
         model=peft_model,
         args=training_arguments(config, output_dir, next(model.parameters()).device),
         train_dataset=dataset,

@@ -1,0 +1,84 @@
+"""Distillation from the dense model: the loss itself, and recovery with it on a tiny model."""
+
+import copy
+
+import pytest
+import torch
+from conftest import make_byte_tokenizer, make_tiny_model
+from test_recovery import IMPORTANCE, small_config, vary_widths, write_text
+
+from cfsp.distillation import kd_loss
+from cfsp.errors import CfspError
+from cfsp.recovery import IGNORE_INDEX, PadCollator, RecoveryConfig, load_recovery_data, recover
+
+
+def test_kd_of_a_student_equal_to_its_teacher_is_zero_with_zero_gradient():
+    logits = torch.randn(2, 6, 11, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    student = logits.clone().requires_grad_(True)
+    labels = torch.randint(0, 11, (2, 6))
+    for temperature in (1.0, 2.0):
+        loss = kd_loss(student, logits, labels, temperature)
+        (grad,) = torch.autograd.grad(loss, student)
+        assert loss.item() == 0.0 and grad.abs().max().item() < 1e-7  # float32 softmax round-off
+
+
+def test_kd_counts_only_positions_whose_next_label_counts():
+    gen = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(1, 5, 7, generator=gen), torch.randn(1, 5, 7, generator=gen)
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 3, 4, IGNORE_INDEX]])
+    expected = (
+        torch.nn.functional.kl_div(
+            student[0, 1:3].log_softmax(-1), teacher[0, 1:3].log_softmax(-1), log_target=True, reduction="sum"
+        )
+        / 2
+    )
+    assert kd_loss(student, teacher, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(CfspError, match="differ in shape"):
+        kd_loss(student, teacher[..., :5], labels)
+
+
+def _objective(student, teacher, dataset, objective: str) -> float:
+    """The recovery objective over the whole (tiny) data set, at temperature 2 as trained."""
+    batch = PadCollator(0)([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        out = student(**batch)
+        t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    kd = kd_loss(out.logits, t, batch["labels"], temperature=2.0).item()
+    return kd + out.loss.item() if objective == "lm+kd" else kd
+
+
+@pytest.mark.parametrize("objective", ["kd", "lm+kd"])
+def test_recovery_lowers_its_distillation_objective(objective, tmp_path):
+    tokenizer = make_byte_tokenizer()
+    teacher = make_tiny_model("llama")
+    with torch.no_grad():
+        teacher.lm_head.weight.mul_(30)  # peaked predictions, so that pruning moves them visibly
+    student = vary_widths(copy.deepcopy(teacher), [32, 32, 32, 32])
+    frozen = [p.detach().clone() for p in teacher.parameters()]
+    dataset = load_recovery_data(write_text(tmp_path), tokenizer, seqlen=32)
+    before = _objective(student, teacher, dataset, objective)
+    result = recover(
+        student,
+        tokenizer,
+        dataset,
+        IMPORTANCE,
+        small_config(objective=objective, kd_temperature=2.0, lr=1e-3, steps=30),
+        output_dir=tmp_path / "run",
+        teacher=teacher,
+    )
+    assert _objective(result.model, teacher, dataset, objective) < 0.7 * before
+    assert all(torch.equal(a, b) for a, b in zip(frozen, teacher.parameters(), strict=True))
+    assert result.summary()["config"]["objective"] == objective
+
+
+def test_distillation_needs_a_teacher_and_valid_settings(tmp_path):
+    tokenizer = make_byte_tokenizer()
+    dataset = load_recovery_data(write_text(tmp_path), tokenizer, seqlen=32)
+    with pytest.raises(CfspError, match="needs the dense model as teacher"):
+        recover(
+            make_tiny_model("llama"), tokenizer, dataset, IMPORTANCE, small_config(objective="kd"), tmp_path
+        )
+    with pytest.raises(CfspError, match="unknown objective"):
+        RecoveryConfig(objective="dpo")
+    with pytest.raises(CfspError, match="kd_temperature must be > 0"):
+        RecoveryConfig(objective="kd", kd_temperature=0.0)
