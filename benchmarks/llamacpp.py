@@ -17,16 +17,14 @@ from common import RESULTS, add_protocol_arguments, prepare, pruned_variant, sta
 
 import cfsp
 from cfsp.bench import llamacpp_speed_benchmark
-from cfsp.data import data_file, read_jsonl
-from cfsp.evaluation import WIKITEXT_FILE, perplexity_of_ids
+from cfsp.evaluation import perplexity_of_ids, wikitext_ids
 from cfsp.export import export_gguf
 from cfsp.llamacpp import perplexity as llama_cpp_perplexity
 
 
 def test_windows(tokenizer, windows: int, seqlen: int):
     """The first ``windows`` WikiText-2 test windows, as ``cfsp.evaluation.perplexity`` cuts them."""
-    text = "\n\n".join(str(row.get("text", "")) for row in read_jsonl(data_file(WIKITEXT_FILE)))
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    ids = wikitext_ids(tokenizer)
     return ids[: windows * seqlen].reshape(windows, seqlen)
 
 

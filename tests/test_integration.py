@@ -130,8 +130,7 @@ def test_pruned_smollm2_runs_in_llama_cpp_like_in_transformers(smollm2, tmp_path
     """The default prune (refit bias included), exported as f16: llama.cpp predicts what transformers does."""
     from gguf import GGUFReader
 
-    from cfsp.data import data_file, read_jsonl
-    from cfsp.evaluation import WIKITEXT_FILE, window_nll
+    from cfsp.evaluation import wikitext_ids, window_nll
     from cfsp.export import export_gguf
     from cfsp.llamacpp import perplexity as llama_cpp_perplexity
     from cfsp.llamacpp import token_logits
@@ -145,9 +144,7 @@ def test_pruned_smollm2_runs_in_llama_cpp_like_in_transformers(smollm2, tmp_path
     assert fields["deci.feed_forward_length"].contents() == result.widths
     assert fields["tokenizer.ggml.pre"].contents() == "smollm"  # copied from the source GGUF
 
-    rows = [str(r.get("text", "")) for r in read_jsonl(data_file(WIKITEXT_FILE))]
-    ids = tokenizer("\n\n".join(rows[:200]), return_tensors="pt").input_ids[0]
-    windows = ids[: 2 * 256].reshape(2, 256)
+    windows = wikitext_ids(tokenizer)[: 2 * 256].reshape(2, 256)
     with torch.no_grad():
         reference = model(windows[:1, :64]).logits[0]
     logits = token_logits(tmp_path / "pruned.gguf", windows[:1, :64])[0]

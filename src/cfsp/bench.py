@@ -229,12 +229,19 @@ def speed_benchmark(
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(next(dense.parameters()).dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
+        **_protocol(repeats, warmup),
+        "torch_version": torch.__version__,
+    }
+
+
+def _protocol(repeats: int, warmup: int) -> dict:
+    """How both benches time: the same words in both reports."""
+    return {
         "repeats": repeats,
         "warmup": warmup,
         "statistic": "median",
         "order": "alternating ABBA",
         "decode": "greedy single-token steps on the KV cache, after the prefill (which yields one token)",
-        "torch_version": torch.__version__,
     }
 
 
@@ -284,11 +291,7 @@ def llamacpp_speed_benchmark(
         "param_ceiling": dense_params / pruned_params,
         "device": "cpu",
         "threads": threads,
-        "repeats": repeats,
-        "warmup": warmup,
-        "statistic": "median",
-        "order": "alternating ABBA",
-        "decode": "greedy single-token steps on the KV cache, after the prefill (which yields one token)",
+        **_protocol(repeats, warmup),
         "llama_cpp_python_version": llama_cpp_module().__version__,
     }
 

@@ -84,10 +84,15 @@ def window_nll(
         batch = windows[start : start + batch_size].to(device)
         logits = model(batch, use_cache=False).logits[:, :-1].float()
         targets = batch[:, 1:]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
-        total += nll.item()
+        total += next_token_nll(logits, targets)
         count += targets.numel()
     return total, count
+
+
+def next_token_nll(logits: torch.Tensor, targets: torch.Tensor) -> float:
+    """Summed NLL (nats) of ``targets`` [..., n] under ``logits`` [..., n, vocab] (already shifted)."""
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    return F.cross_entropy(flat, targets.reshape(-1).to(flat.device), reduction="sum").item()
 
 
 def perplexity_of_ids(
@@ -126,6 +131,12 @@ def perplexity_of_ids(
     }
 
 
+def wikitext_ids(tokenizer, data_dir: str | os.PathLike | None = None) -> torch.Tensor:
+    """The WikiText-2 test split as one token sequence: rows joined with "\\n\\n", tokenized once."""
+    rows = read_jsonl(data_file(WIKITEXT_FILE, data_dir))
+    return tokenizer("\n\n".join(str(row.get("text", "")) for row in rows), return_tensors="pt").input_ids[0]
+
+
 def perplexity(
     model: torch.nn.Module,
     tokenizer,
@@ -136,8 +147,7 @@ def perplexity(
 ) -> dict:
     """WikiText-2 test perplexity: rows joined with "\\n\\n", tokenized once, windows of ``seqlen``."""
     path = data_file(WIKITEXT_FILE, data_dir)
-    text = "\n\n".join(str(row.get("text", "")) for row in read_jsonl(path))
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]
+    ids = wikitext_ids(tokenizer, data_dir)
     result = perplexity_of_ids(model, ids, seqlen, limit=limit, batch_size=batch_size, progress=True)
     result.update(split="test", file=str(path), metric="ppl", text_tokens=int(ids.numel()))
     return result

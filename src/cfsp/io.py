@@ -89,7 +89,9 @@ def write_pruned_metadata(model: nn.Module, tokenizer, result: PruneResult | dic
     plan["versions"] = _versions()
     source = getattr(model.config, "name_or_path", None)
     if source and "source_model" not in plan:
-        plan["source_model"] = str(source)  # a named default or a .gguf: the GGUF export's tokenizer
+        # the dense model (recover's default distillation teacher; a GGUF export's tokenizer)
+        where = Path(str(source)).expanduser()
+        plan["source_model"] = str(where.resolve()) if where.exists() else str(source)
     if not (folder / "config.json").is_file():
         model.config.save_pretrained(folder)
     if tokenizer is not None:

@@ -76,30 +76,32 @@ def gguf_parameters(path: str | os.PathLike) -> int:
     )
 
 
-def token_logits(path: str | os.PathLike, windows: torch.Tensor) -> torch.Tensor:
-    """Logits [n, length, vocab] of every position of each window, as llama.cpp computes them."""
+def window_logits(path: str | os.PathLike, windows: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Logits [length, vocab] of every position of each window in turn, as llama.cpp computes them
+    (one window at a time: a whole evaluation's logits would not fit in memory)."""
     windows = torch.as_tensor(windows)
-    out = []
     with open_model(path, n_ctx=windows.shape[1], all_logits=True) as model:
         for window in windows:
             model.reset()
             model.eval(window.tolist())
-            out.append(torch.from_numpy(np.array(model.scores[: window.shape[0]], dtype=np.float32)))
-    return torch.stack(out)
+            yield torch.from_numpy(np.array(model.scores[: window.shape[0]], dtype=np.float32))
+
+
+def token_logits(path: str | os.PathLike, windows: torch.Tensor) -> torch.Tensor:
+    """Logits [n, length, vocab] of every position of each window."""
+    return torch.stack(list(window_logits(path, windows)))
 
 
 def perplexity(path: str | os.PathLike, windows: torch.Tensor) -> float:
     """Next-token perplexity over ``windows`` [n, length], the same protocol as ``cfsp.evaluation``."""
-    nll, count = 0.0, 0
+    from cfsp.evaluation import next_token_nll
+
     windows = torch.as_tensor(windows)
-    with open_model(path, n_ctx=windows.shape[1], all_logits=True) as model:
-        for window in windows:
-            model.reset()
-            model.eval(window.tolist())
-            logits = torch.from_numpy(np.array(model.scores[: window.shape[0] - 1], dtype=np.float64))
-            nll += torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum").item()
-            count += window.shape[0] - 1
-    return math.exp(nll / count)
+    nll = sum(
+        next_token_nll(logits[:-1], window[1:])
+        for logits, window in zip(window_logits(path, windows), windows, strict=True)
+    )
+    return math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1)))
 
 
 class GreedyRunner:
