@@ -39,7 +39,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/methods.py --model smollm2 --model gemma3-270m
 
 bench-recovery: $(STAMP)
-	$(PY) benchmarks/recovery.py --steps 40
+	$(PY) benchmarks/recovery.py
 
 clean:
 	rm -rf .venv out

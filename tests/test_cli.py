@@ -90,3 +90,30 @@ def test_eval_bench_and_recover_on_the_pruned_directory(workspace):
     assert plan["recovery"]["steps"] == 2 and plan["widths"] == cfsp.read_plan(pruned)["widths"]
     model, _ = cfsp.load_pruned(root / "rec")
     assert [layer.mlp.down_proj.in_features for layer in model.model.layers] == plan["widths"]
+
+    # Distillation from the model the plan was pruned from, with LoRA and with MLP fine-tuning.
+    for train, objective in (("lora", "lm+kd"), ("mlp", "kd")):
+        out = root / f"rec-{train}"
+        args = [
+            "recover",
+            str(pruned),
+            "--out",
+            str(out),
+            "--data",
+            str(text),
+            "--steps",
+            "2",
+            "--seqlen",
+            "32",
+        ]
+        done = runner.invoke(
+            app, [*args, "--batch-size", "2", "--grad-accum", "1", "--train", train, "--objective", objective]
+        )
+        assert done.exit_code == 0, done.output
+        recovery = cfsp.read_plan(out)["recovery"]
+        assert (recovery["train"], recovery["config"]["objective"], recovery["steps"]) == (
+            train,
+            objective,
+            2,
+        )
+        assert recovery["tokens_seen"] > 0

@@ -165,6 +165,25 @@ def _bad_inputs(inputs: Path) -> dict[str, tuple[list[str], str]]:
             ["recover", f"{i}/pruned", "--out", "r", "--objective", "dpo", "--data", f"{i}/corpus.txt"],
             "unknown objective",
         ),
+        "recover unknown training": (
+            ["recover", f"{i}/pruned", "--out", "r", "--train", "dense", "--data", f"{i}/corpus.txt"],
+            "unknown --train",
+        ),
+        "recover mlp with an adapter": (
+            [
+                "recover",
+                f"{i}/pruned",
+                "--out",
+                "r",
+                "--train",
+                "mlp",
+                "--save-adapter",
+                "a",
+                "--data",
+                f"{i}/corpus.txt",
+            ],
+            "no adapter",
+        ),
         "recover into its input": (
             ["recover", f"{i}/pruned", "--out", f"{i}/pruned", "--overwrite", "--data", f"{i}/corpus.txt"],
             "the input",

@@ -7,9 +7,16 @@ import torch
 from conftest import make_byte_tokenizer, make_tiny_model
 from test_recovery import IMPORTANCE, small_config, vary_widths, write_text
 
-from cfsp.distillation import kd_loss
 from cfsp.errors import CfspError
-from cfsp.recovery import IGNORE_INDEX, PadCollator, RecoveryConfig, load_recovery_data, recover
+from cfsp.recovery import (
+    IGNORE_INDEX,
+    PadCollator,
+    RecoveryConfig,
+    distillation_trainer,
+    kd_loss,
+    load_recovery_data,
+    recover,
+)
 
 
 def test_kd_of_a_student_equal_to_its_teacher_is_zero_with_zero_gradient():
@@ -17,7 +24,7 @@ def test_kd_of_a_student_equal_to_its_teacher_is_zero_with_zero_gradient():
     student = logits.clone().requires_grad_(True)
     labels = torch.randint(0, 11, (2, 6))
     for temperature in (1.0, 2.0):
-        loss = kd_loss(student, logits, labels, temperature)
+        loss = kd_loss(student, logits, labels != IGNORE_INDEX, temperature)
         (grad,) = torch.autograd.grad(loss, student)
         assert loss.item() == 0.0 and grad.abs().max().item() < 1e-7  # float32 softmax round-off
 
@@ -32,9 +39,11 @@ def test_kd_counts_only_positions_whose_next_label_counts():
         )
         / 2
     )
-    assert kd_loss(student, teacher, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert kd_loss(student, teacher, labels != IGNORE_INDEX).item() == pytest.approx(
+        expected.item(), rel=1e-6
+    )
     with pytest.raises(CfspError, match="differ in shape"):
-        kd_loss(student, teacher[..., :5], labels)
+        kd_loss(student, teacher[..., :5], labels != IGNORE_INDEX)
 
 
 def _objective(student, teacher, dataset, objective: str) -> float:
@@ -43,7 +52,7 @@ def _objective(student, teacher, dataset, objective: str) -> float:
     with torch.no_grad():
         out = student(**batch)
         t = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    kd = kd_loss(out.logits, t, batch["labels"], temperature=2.0).item()
+    kd = kd_loss(out.logits, t, batch["attention_mask"], temperature=2.0).item()
     return kd + out.loss.item() if objective == "lm+kd" else kd
 
 
@@ -82,3 +91,79 @@ def test_distillation_needs_a_teacher_and_valid_settings(tmp_path):
         RecoveryConfig(objective="dpo")
     with pytest.raises(CfspError, match="kd_temperature must be > 0"):
         RecoveryConfig(objective="kd", kd_temperature=0.0)
+
+
+def test_distillation_counts_prompt_tokens_too(tmp_path):
+    """The LM loss of an instruction example sees only the response; distillation sees every real token."""
+    tokenizer = make_byte_tokenizer()
+    teacher = make_tiny_model("llama")
+    student = vary_widths(copy.deepcopy(teacher), [32, 32, 32, 32])
+    path = tmp_path / "pairs.jsonl"
+    path.write_text(
+        '{"prompt": "say hello to the cat", "response": "hello cat"}\n{"prompt": "a", "response": "bcd"}\n'
+    )
+    batch = PadCollator(0)(list(load_recovery_data(path, tokenizer, seqlen=64).examples))
+    assert (batch["labels"] == IGNORE_INDEX).sum() > (
+        batch["attention_mask"] == 0
+    ).sum()  # prompts are masked
+    trainer = distillation_trainer(teacher, "kd", 1.0)
+    with torch.no_grad():
+        loss = trainer.compute_loss(None, student, batch)  # compute_loss reads nothing from the trainer
+        s, t = student(**batch).logits, teacher(input_ids=batch["input_ids"]).logits
+    assert loss.item() == pytest.approx(kd_loss(s, t, batch["attention_mask"]).item(), rel=1e-5)
+    assert loss.item() != pytest.approx(kd_loss(s, t, batch["labels"] != IGNORE_INDEX).item(), rel=1e-3)
+
+
+@pytest.mark.parametrize("train", ["lora", "mlp"])
+def test_resume_with_distillation_repeats_the_uninterrupted_run(train, tmp_path):
+    tokenizer = make_byte_tokenizer()
+    teacher = make_tiny_model("llama")
+    dataset = load_recovery_data(write_text(tmp_path), tokenizer, seqlen=32)
+    # A constant rate, so that the 4-step run is the first part of the 6-step one.
+    settings = dict(objective="lm+kd", train=train, lr=1e-3, save_steps=2, lr_scheduler="constant")
+
+    def run(steps: int, out, resume: bool = False):
+        student = vary_widths(copy.deepcopy(teacher), [32, 32, 32, 32])
+        config = small_config(steps=steps, **settings)
+        return recover(student, tokenizer, dataset, IMPORTANCE, config, out, resume=resume, teacher=teacher)
+
+    whole = run(6, tmp_path / "whole")
+    run(4, tmp_path / "split")
+    resumed = run(6, tmp_path / "split", resume=True)
+    assert resumed.resumed_from.endswith("checkpoint-4") and resumed.start_step == 4 and resumed.steps == 6
+    losses = [[e["loss"] for e in r.log_history if "loss" in e] for r in (whole, resumed)]
+    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert resumed.tokens_seen == whole.tokens_seen
+    ids = torch.tensor([dataset[0]["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            resumed.model(input_ids=ids).logits, whole.model(input_ids=ids).logits, atol=1e-4, rtol=0
+        )
+
+
+def test_teacher_and_student_stay_on_their_devices(tmp_path):
+    """The teacher gets its inputs on its own device; neither model is moved by training."""
+    tokenizer = make_byte_tokenizer()
+    teacher = make_tiny_model("llama")
+    student = vary_widths(copy.deepcopy(teacher), [32, 32, 32, 32])
+    devices = {
+        "teacher": [p.device for p in teacher.parameters()],
+        "student": next(student.parameters()).device,
+    }
+    seen = []
+    teacher.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["input_ids"].device), with_kwargs=True
+    )
+    dataset = load_recovery_data(write_text(tmp_path), tokenizer, seqlen=32)
+    result = recover(
+        student,
+        tokenizer,
+        dataset,
+        IMPORTANCE,
+        small_config(objective="kd", steps=2),
+        tmp_path / "run",
+        teacher=teacher,
+    )
+    assert len(seen) == 2 and all(d == devices["teacher"][0] for d in seen)
+    assert [p.device for p in teacher.parameters()] == devices["teacher"]
+    assert all(p.device == devices["student"] for p in result.model.parameters())

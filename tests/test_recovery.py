@@ -15,6 +15,7 @@ from cfsp.errors import CfspError
 from cfsp.recovery import (
     BUDGET_TOLERANCE,
     IGNORE_INDEX,
+    RECOVERY_MIXES,
     PadCollator,
     RecoveryConfig,
     allocate_ranks,
@@ -25,6 +26,7 @@ from cfsp.recovery import (
     merge_lora,
     rank_unit_costs,
     recover,
+    resolve_recovery_source,
     uniform_ranks,
 )
 
@@ -351,3 +353,62 @@ def test_config_validation():
     assert RecoveryConfig(rank=4).lora_alpha == 8.0
     with pytest.raises(CfspError, match="needs the block importances"):
         recover(make_tiny_model("llama"), make_byte_tokenizer(), "unused", None, RecoveryConfig(), "x")
+
+
+def test_the_instruction_mix_joins_both_sets():
+    tokenizer = make_byte_tokenizer()
+    paths = resolve_recovery_source("instructions")
+    assert [p.parent.name for p in paths] == ["gpteacher_roleplay", "dolly_hhrlhf_small"]
+    mix = load_recovery_data("instructions", tokenizer, seqlen=1024, max_samples=3)
+    parts = [
+        load_recovery_data(name, tokenizer, seqlen=1024, max_samples=3)
+        for name in RECOVERY_MIXES["instructions"]
+    ]
+    assert mix.examples == parts[0].examples + parts[1].examples
+    assert (
+        mix.kind == "instruction"
+        and "gpteacher_roleplay" in mix.source
+        and "dolly_hhrlhf_small" in mix.source
+    )
+
+
+# ----------------------------------------------------------------------------- MLP fine-tuning
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_mlp_training_changes_only_the_mlp_weights(family, tmp_path):
+    tokenizer = make_byte_tokenizer()
+    model = vary_widths(make_tiny_model(family), WIDTHS, bias_blocks=(3,))
+    pristine = copy.deepcopy(model)
+    dataset = load_recovery_data(write_text(tmp_path), tokenizer, seqlen=32)
+    before = mean_loss(model, dataset)
+    result = recover(model, tokenizer, dataset, None, small_config(train="mlp", lr=1e-3), tmp_path / "run")
+    assert mean_loss(result.model, dataset) < before - 0.1
+    mlp_params = sum(p.numel() for layer in pristine.model.layers for p in layer.mlp.parameters())
+    assert result.trainable_params == mlp_params and result.ranks == [] and result.allocation == "none"
+    assert (
+        8 * 4 * 31 < result.tokens_seen <= 8 * 4 * 32
+    )  # 8 steps of 4 windows of 32 tokens (one may be short)
+    changed = {
+        name
+        for (name, new), old in zip(result.model.named_parameters(), pristine.parameters(), strict=True)
+        if not torch.equal(new, old)
+    }
+    assert changed and all(".mlp." in name for name in changed)
+    assert any(name.endswith("down_proj.bias") for name in changed)  # the compensation bias trains too
+    assert type(result.model) is type(pristine) and not any(
+        p.requires_grad for p in result.model.parameters()
+    )
+    assert result.summary()["train"] == "mlp"
+    with pytest.raises(CfspError, match="no adapter"):
+        recover(
+            pristine,
+            tokenizer,
+            dataset,
+            None,
+            small_config(train="mlp"),
+            tmp_path / "r2",
+            save_adapter=tmp_path / "a",
+        )
+    with pytest.raises(CfspError, match="unknown --train"):
+        small_config(train="full")

@@ -422,12 +422,22 @@ def recover(
     pruned_dir: Annotated[Path, typer.Argument(help="A pruned directory written by `cfsp prune`.")],
     out: Annotated[Path, typer.Option(help="Where to save the recovered (merged) pruned model.")],
     data: Annotated[
-        str, typer.Option(help="gpteacher_roleplay, dolly_hhrlhf_small, wikitext2 or a file.")
-    ] = ("dolly_hhrlhf_small"),
+        str,
+        typer.Option(
+            help="instructions (gpteacher_roleplay + dolly_hhrlhf_small), one of them, wikitext2 or a file."
+        ),
+    ] = "instructions",
+    train: Annotated[
+        str, typer.Option(help="lora (adapters, merged afterwards) or mlp (the pruned MLP weights).")
+    ] = "lora",
     rank: Annotated[int, typer.Option(help="Uniform LoRA rank R; sets the trainable-parameter budget.")] = 8,
-    allocation: Annotated[str, typer.Option(help="importance (IG-LoRA) or uniform.")] = "importance",
+    allocation: Annotated[
+        str, typer.Option(help="LoRA ranks: importance (IG-LoRA) or uniform.")
+    ] = "importance",
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 200,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 2e-4,
+    lr: Annotated[
+        float | None, typer.Option(help="Learning rate (default: 5e-4 for lora, 1e-4 for mlp).")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Examples per step and device.")] = 4,
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 4,
     seqlen: Annotated[int, typer.Option(help="Maximum tokens per example.")] = 256,
@@ -452,7 +462,7 @@ def recover(
     ] = "float32",
     device: DeviceOption = "auto",
 ) -> None:
-    """Recover a pruned model with importance-guided LoRA (or uniform LoRA), merge and save it."""
+    """Recover a pruned model (IG-LoRA, uniform LoRA or MLP fine-tuning; LM loss and/or distillation)."""
     import shutil
 
     import cfsp
@@ -464,6 +474,7 @@ def recover(
     config = RecoveryConfig(
         rank=rank,
         allocation=allocation,
+        train=train,
         steps=steps,
         lr=lr,
         batch_size=batch_size,
@@ -517,6 +528,8 @@ def recover(
         console.print(
             f"trainable parameters: {result.trainable_params:,} ({allocation}); "
             f"uniform rank {rank}: {result.uniform_params:,}; final loss {result.final_loss}"
+            if train == "lora"
+            else f"trainable parameters: {result.trainable_params:,} (MLP weights); final loss {result.final_loss}"
         )
         plan["recovery"] = result.summary()
         write_pruned(result.model, tokenizer, plan, folder)

@@ -3,8 +3,9 @@
 After pruning, the dense original is on hand, and its next-token distribution says far more per
 token than the one observed token does. ``kd`` trains the pruned student to match it (token-level
 KL divergence at a temperature, scaled by T² so gradients keep their size across temperatures);
-``lm+kd`` adds the usual next-token loss. Positions whose label is ignored (padding, and the
-prompt of instruction examples) do not count, the same positions the LM loss skips.
+``lm+kd`` adds the usual next-token loss. Distillation counts every real (non-padding) token,
+prompts included: the teacher's distribution is a target wherever there is text, while the LM loss
+of instruction examples sees only the response.
 """
 
 from __future__ import annotations
@@ -14,26 +15,27 @@ import torch.nn.functional as F
 from torch import nn
 
 from cfsp.errors import CfspError
-from cfsp.recovery import IGNORE_INDEX, OBJECTIVES
+from cfsp.recovery.config import OBJECTIVES
 
 
 def kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
+    counted: torch.Tensor,
     temperature: float = 1.0,
 ) -> torch.Tensor:
     """Mean over counted positions of ``T² · KL(teacher_T || student_T)``; logits [B, L, V].
 
-    Logits at position ``t`` predict token ``t + 1``, so position ``t`` counts when the label at
-    ``t + 1`` does (the shift the causal-LM loss applies).
+    ``counted`` [B, L] marks the tokens that are targets (the attention mask, or ``labels !=
+    IGNORE_INDEX``). Logits at position ``t`` predict token ``t + 1``, so position ``t`` counts
+    when token ``t + 1`` does (the shift the causal-LM loss applies).
     """
     if student_logits.shape != teacher_logits.shape:
         raise CfspError(
             f"student and teacher logits differ in shape ({tuple(student_logits.shape)} vs "
             f"{tuple(teacher_logits.shape)}): the teacher must be the dense model of the same tokenizer"
         )
-    counted = labels[:, 1:] != IGNORE_INDEX
+    counted = counted[:, 1:].bool()
     student = student_logits[:, :-1][counted].float() / temperature
     teacher = teacher_logits[:, :-1][counted].float() / temperature
     if student.numel() == 0:
@@ -62,7 +64,7 @@ def distillation_trainer(teacher: nn.Module | None, objective: str, temperature:
                     input_ids=inputs["input_ids"].to(device),
                     attention_mask=inputs["attention_mask"].to(device),
                 ).logits.to(outputs.logits.device)
-            loss = kd_loss(outputs.logits, teacher_logits, inputs["labels"], temperature)
+            loss = kd_loss(outputs.logits, teacher_logits, inputs["attention_mask"], temperature)
             if objective == "lm+kd":
                 loss = loss + outputs.loss
             return (loss, outputs) if return_outputs else loss
