@@ -100,8 +100,12 @@ def main() -> None:
     parser.add_argument("--train-seqlen", type=int, default=256)
     parser.add_argument("--kd-temperature", type=float, default=1.0)
     parser.add_argument("--resume", action="store_true", help="keep the rows of an earlier run")
+    parser.add_argument("--name", help="results file stem (default: recovery_<model>)")
+    parser.add_argument(
+        "--baselines", help="take the dense and unrecovered scores from this earlier results file"
+    )
     args = parser.parse_args()
-    path = RESULTS / f"recovery_{args.model}.json"
+    path = RESULTS / f"{args.name or f'recovery_{args.model}'}.json"
 
     setup = prepare(args.model, args.nsamples, args.seqlen, time_forward=False)
     pruned, result = pruned_variant(setup, args.sparsity, method="cfsp")
@@ -109,13 +113,24 @@ def main() -> None:
     del setup.stats
     rows: list[dict] = []
     previous = json.loads(path.read_text()) if args.resume and path.exists() else None
+    baselines = json.loads(open(args.baselines).read())["meta"] if args.baselines else None
+    for stored in (previous and previous["meta"], baselines):
+        if stored and (
+            stored["pruning"]["widths"] != result.widths
+            or stored["ppl"]["windows"] != args.ppl_windows
+            or stored["zero_shot_limit"] != args.limit
+        ):
+            raise SystemExit("the stored results come from another pruned model or protocol")
     if previous is not None:
         meta, rows = previous["meta"], previous["rows"]
-        if meta["pruning"]["widths"] != result.widths or meta["steps"] != args.steps:
+        if meta["steps"] != args.steps:
             raise SystemExit("the stored rows come from other settings; run without --resume")
     else:
         evaluated = {}
         for name, model in (("dense", dense), ("before", pruned)):
+            if baselines is not None:
+                evaluated[name] = baselines[name]
+                continue
             scores, mean = zero_shot_scores(model, setup.tokenizer, args.limit)
             ppl = wikitext_ppl(model, setup.tokenizer, args.ppl_windows, args.ppl_seqlen)
             evaluated[name] = dict(ppl=ppl, zero_shot=mean, zero_shot_tasks=scores)
@@ -193,6 +208,7 @@ def main() -> None:
                     zero_shot_before=meta["before"]["zero_shot"],
                     zero_shot_after=mean,
                     zero_shot_tasks_after=scores,
+                    train_seconds=recovered.train_seconds,
                 )
             )
             print(

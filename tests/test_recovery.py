@@ -399,7 +399,7 @@ def test_mlp_training_changes_only_the_mlp_weights(family, tmp_path):
     assert type(result.model) is type(pristine) and not any(
         p.requires_grad for p in result.model.parameters()
     )
-    assert result.summary()["train"] == "mlp"
+    assert result.summary()["train"] == "mlp" and result.train_seconds > 0
     with pytest.raises(CfspError, match="no adapter"):
         recover(
             pristine,

@@ -42,6 +42,7 @@ class RecoveryResult:
     start_step: int = 0
     final_loss: float | None = None
     train_loss: float | None = None
+    train_seconds: float | None = None  # the Trainer's runtime of this call (resumed steps not included)
     log_history: list[dict] = field(default_factory=list)
     resumed_from: str | None = None
     adapter_dir: str | None = None
@@ -61,6 +62,7 @@ class RecoveryResult:
             "start_step": self.start_step,
             "final_loss": self.final_loss,
             "train_loss": self.train_loss,
+            "train_seconds": self.train_seconds,
             "resumed_from": self.resumed_from,
             "adapter_dir": self.adapter_dir,
             "budget": dict(self.budget),
@@ -246,6 +248,7 @@ def recover(
         start_step=start.step,
         final_loss=float(losses[-1]) if losses else None,
         train_loss=float(output.training_loss) if output.training_loss is not None else None,
+        train_seconds=output.metrics.get("train_runtime"),
         log_history=history,
         resumed_from=checkpoint,
         adapter_dir=str(save_adapter) if save_adapter is not None else None,
