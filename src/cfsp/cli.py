@@ -519,17 +519,18 @@ def recover(
             if fresh_checkpoints and checkpoints.is_dir() and not any(checkpoints.glob("checkpoint-*")):
                 shutil.rmtree(checkpoints)  # this run created it and saved nothing to resume from
             raise
-        table = Table(title="LoRA ranks per block")
-        table.add_column("block", justify="right")
-        table.add_column("rank", justify="right")
-        for i, r in enumerate(result.ranks):
-            table.add_row(str(i), str(r))
-        console.print(table)
+        trained = "MLP weights"
+        if train == "lora":
+            table = Table(title="LoRA ranks per block")
+            table.add_column("block", justify="right")
+            table.add_column("rank", justify="right")
+            for i, r in enumerate(result.ranks):
+                table.add_row(str(i), str(r))
+            console.print(table)
+            trained = f"{allocation}; uniform rank {rank}: {result.uniform_params:,}"
         console.print(
-            f"trainable parameters: {result.trainable_params:,} ({allocation}); "
-            f"uniform rank {rank}: {result.uniform_params:,}; final loss {result.final_loss}"
-            if train == "lora"
-            else f"trainable parameters: {result.trainable_params:,} (MLP weights); final loss {result.final_loss}"
+            f"trainable parameters: {result.trainable_params:,} ({trained}); "
+            f"{result.tokens_seen:,} tokens; final loss {result.final_loss}"
         )
         plan["recovery"] = result.summary()
         write_pruned(result.model, tokenizer, plan, folder)

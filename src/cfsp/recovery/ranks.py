@@ -1,7 +1,8 @@
 """IG-LoRA's rank rule: per-block LoRA ranks that follow block importance at a uniform budget.
 
-IG-LoRA gives each decoder block its own rank, following the block's coarse importance, at the same number of trainable parameters as
-uniform LoRA of rank ``R``, so the two are compared at equal budget.
+IG-LoRA gives each decoder block its own rank, following the block's coarse importance, at the
+same number of trainable parameters as uniform LoRA of rank ``R``, so the two are compared at
+equal budget.
 
 Rank rule (``allocate_ranks``). For block ``l`` let ``c_l = sum(in + out)`` over its targeted
 ``nn.Linear`` modules: one rank unit costs ``c_l`` parameters there (a LoRA of rank ``r`` on
