@@ -180,8 +180,8 @@ def recover(
     """Train ``model`` on ``data`` with the HF Trainer and return it as a plain model again.
 
     ``config.train``: ``lora`` injects (IG-)LoRA adapters and merges them afterwards; ``mlp``
-    trains the MLP weights of every block directly. ``model`` is modified in place. ``data`` is a loaded
-    ``RecoveryDataset`` or a source for ``load_recovery_data``. Checkpoints go to
+    trains the MLP weights of every block directly. ``model`` is modified in place. ``data`` is a
+    loaded ``RecoveryDataset`` or a source for ``load_recovery_data``. Checkpoints go to
     ``output_dir/checkpoint-N``; ``resume=True`` continues from the latest one (the same base
     model must be passed again). ``save_adapter`` also writes the adapter alone before merging.
     ``teacher``: the dense model, for ``config.objective`` ``kd`` or ``lm+kd`` (it stays on its
