@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cfsp import layouts
 from cfsp.errors import CfspError
 from cfsp.models import block_mlp, decoder_blocks, statistics_device
 
@@ -228,7 +229,7 @@ def calibrate(
         for index, block in enumerate(blocks):
             placement.onload(index)
             stats = BlockStats(second_moments=second_moments)
-            hook = block_mlp(block).down_proj.register_forward_pre_hook(
+            hook = layouts.down_projection(block_mlp(block)).register_forward_pre_hook(
                 lambda _module, args, stats=stats: stats.add_channels(args[0])
             )
             try:

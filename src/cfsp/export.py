@@ -202,7 +202,7 @@ def layer_widths_from_config(config: dict) -> list[int]:
     """Per-block FFN widths of a config dict (a pruned directory's ``per_layer_config``, or uniform)."""
     from types import SimpleNamespace
 
-    from cfsp.pruned_modeling import layer_widths
+    from cfsp.layouts import layer_widths
 
     return layer_widths(SimpleNamespace(**config))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cfsp import pruned_modeling
+from cfsp import layouts, pruned_modeling
 from cfsp.errors import CfspError
 from cfsp.models import (
     check_supported,
@@ -34,6 +34,7 @@ from cfsp.pruning import PruneResult
 from cfsp.surgery import apply_pruning
 
 MODELING_FILE = "modeling_cfsp.py"
+LAYOUTS_FILE = "layouts.py"  # the modeling file's one import besides torch and transformers
 
 
 def _versions() -> dict[str, str]:
@@ -47,7 +48,7 @@ def _versions() -> dict[str, str]:
 
 
 def modeling_source(base_class: str) -> str:
-    """The standalone modeling file written next to the weights."""
+    """The modeling file written next to the weights (it imports ``layouts.py``, written beside it)."""
     source = Path(pruned_modeling.__file__).read_text(encoding="utf-8")
     footer = (
         "\n\n# The class named in config.json's auto_map.\n"
@@ -97,6 +98,7 @@ def write_pruned_metadata(model: nn.Module, tokenizer, result: PruneResult | dic
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     (folder / MODELING_FILE).write_text(modeling_source(base_class), encoding="utf-8")
+    (folder / LAYOUTS_FILE).write_text(Path(layouts.__file__).read_text(encoding="utf-8"), encoding="utf-8")
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["architectures"] = [base_class]

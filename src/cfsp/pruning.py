@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from cfsp import allocation as alloc
+from cfsp import layouts
 from cfsp.calibration import BlockStats, InMemoryBlocks, calibrate
 from cfsp.compensation import COMPENSATIONS, DEFAULT_DAMPING, compensate, refit_or_mean
 from cfsp.errors import CfspError
@@ -384,10 +385,11 @@ def _block_scores(
     mlp: nn.Module, stats: BlockStats | None, metric: str, b: float, c: float, reference: bool
 ) -> torch.Tensor:
     """Channel scores of one block's MLP from its recorded statistics."""
+    gate_up = layouts.input_weights(mlp)  # [gate, up] or [up]
     inputs = ChannelInputs(
-        down_weight=mlp.down_proj.weight,
-        up_weight=mlp.up_proj.weight,
-        gate_weight=mlp.gate_proj.weight,
+        down_weight=layouts.down_projection(mlp).weight,
+        up_weight=gate_up[-1],
+        gate_weight=gate_up[0] if len(gate_up) == 2 else None,
         stats=stats,
         b=b,
         c=c,
@@ -413,7 +415,7 @@ def _surgery(
     ):
         placement.onload(index)
         mlp = block_mlp(block)
-        fix = compensate(compensation, mlp.down_proj.weight, channels, block_stats, damping)
+        fix = compensate(compensation, layouts.down_projection(mlp).weight, channels, block_stats, damping)
         slice_mlp(mlp, channels, fix.bias, with_bias=with_bias, down_weight=fix.weight)
         if block_stats is not None and block_stats.gram is not None and placement.writing:
             block_stats.gram = None  # D x D, no longer needed once the block is written
@@ -456,7 +458,7 @@ def _second_pass(
         if rechoose:
             scores = _block_scores(mlp, stats, metric, b, c, False)
             kept[index] = alloc.top_channels(scores, widths[index])
-        fix = compensate(compensation, mlp.down_proj.weight, kept[index], stats, damping)
+        fix = compensate(compensation, layouts.down_projection(mlp).weight, kept[index], stats, damping)
         if biases is not None:
             biases.append(fix.bias)
         stats.gram = None  # D x D: free it as soon as the block is done

@@ -43,9 +43,9 @@ def block_importance(stats: list[BlockStats], metric: str = "angular") -> list[f
 class ChannelInputs:
     """Everything a channel metric may use, as [H, D] weights (rows = hidden units) and [D] stats."""
 
-    down_weight: torch.Tensor  # down_proj.weight        [H, D], in the model's dtype and device
-    up_weight: torch.Tensor  # up_proj.weight            [D, H]
-    gate_weight: torch.Tensor  # gate_proj.weight        [D, H]
+    down_weight: torch.Tensor  # down projection weight  [H, D], in the model's dtype and device
+    up_weight: torch.Tensor  # up projection weight      [D, H]
+    gate_weight: torch.Tensor | None  # gate weight      [D, H]; None for a plain (ungated) MLP
     stats: BlockStats
     b: float = 1.0
     c: float = 1.0
@@ -66,8 +66,17 @@ class ChannelInputs:
         return self._as_float64(self.up_weight).T
 
     @property
-    def gate(self) -> torch.Tensor:
-        return self._as_float64(self.gate_weight).T
+    def gate(self) -> torch.Tensor | None:
+        return None if self.gate_weight is None else self._as_float64(self.gate_weight).T
+
+    def inputs(self) -> list[torch.Tensor]:
+        """Up and (if the MLP is gated) gate as float64 [H, D]: the matrices that make a channel."""
+        gate = self.gate
+        return [self.up] + ([] if gate is None else [gate])
+
+    def weights(self) -> list[torch.Tensor]:
+        """Down, up and gate (if any) as float64 [H, D]: every matrix a channel touches."""
+        return [self.down, *self.inputs()]
 
     @property
     def act_norm(self) -> torch.Tensor:
@@ -121,15 +130,15 @@ def three_w_one_wa(w: ChannelInputs) -> torch.Tensor:
     """The reference default. Ranks exactly as ``A^c`` (every term is column-normalised)."""
     act = w.act_norm
     weighted_down = w.down.abs() * act.pow(w.b)
-    m = (_colsum_normalised(weighted_down) + _colsum_normalised(w.up) + _colsum_normalised(w.gate)) * act.pow(
-        w.c
-    )
-    return m.mean(dim=0)
+    m = _colsum_normalised(weighted_down)
+    for weight in w.inputs():
+        m = m + _colsum_normalised(weight)
+    return (m * act.pow(w.c)).mean(dim=0)
 
 
 def three_w_one_a(w: ChannelInputs) -> torch.Tensor:
     """Three column-normalised weights times ``A^c`` (the down weight not activation-weighted)."""
-    m = _colsum_normalised(w.down) + _colsum_normalised(w.up) + _colsum_normalised(w.gate)
+    m = sum(_colsum_normalised(weight) for weight in w.weights())
     return (m * w.act_norm.pow(w.c)).mean(dim=0)
 
 
@@ -147,14 +156,14 @@ def one_a(w: ChannelInputs) -> torch.Tensor:
 def ria(w: ChannelInputs) -> torch.Tensor:
     """Relative importance: each weight relative to its row (competing channels) and its column.
 
-    ``mean_i(|W_ij| / r_i + |W_ij| / c_j) * A_j^c`` summed over down, up and gate, with row sums
+    ``mean_i(|W_ij| / r_i + |W_ij| / c_j) * A_j^c`` summed over down, up and gate (if any), with row sums
     ``r`` and column sums ``c``. Unlike ``three_w_one_wa`` the row term varies between channels,
     so the weights matter. Written as a matrix-vector product (row term) and ``c_j / c_j`` (the
     column term: 1, or NaN for an all-zero column as the elementwise form gives), it needs one
     [H, D] temporary per matrix and a few passes instead of a dozen.
     """
     total = torch.zeros(w.down.shape[1], dtype=w.down.dtype, device=w.down.device)
-    for weight in (w.down, w.up, w.gate):
+    for weight in w.weights():
         magnitude = weight.abs()
         column = magnitude.sum(dim=0)
         total += (magnitude.T @ magnitude.sum(dim=1).reciprocal() + column / column) / weight.shape[0]

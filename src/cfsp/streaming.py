@@ -98,7 +98,8 @@ def _set(module: nn.Module, name: str, device: torch.device | str, value: torch.
 def _load(module: nn.Module, name: str, weights: SafetensorsWeights, key: str, device, dtype) -> None:
     """Put tensor ``key`` of the files into ``module.<name>``, which must have its shape."""
     value = weights.get(key)
-    expected = module.get_parameter(name).shape
+    is_parameter = name in dict(module.named_parameters())
+    expected = (module.get_parameter(name) if is_parameter else module.get_buffer(name)).shape
     if value.shape != expected:
         raise CfspError(
             f"cannot load the model in {weights.folder}: its weights do not match the shapes in "
@@ -125,39 +126,65 @@ class StreamedBlocks(InMemoryBlocks):
 
     def onload(self, index: int) -> None:
         block = self.block(index)
-        for name, _ in list(block.named_parameters()):
+        for name in self.stored_tensors(index):
             _load(block, name, self.weights, f"{self.prefix}.{index}.{name}", self.device, self.dtype)
 
     def offload(self, index: int) -> None:
         block = self.block(index)
         if self.writing and self.writer is not None:
             self.writer.write(f"{self.prefix}.{index}.", block.state_dict())
-        for name, _ in list(block.named_parameters()):
+        for name in self.stored_tensors(index):
             _set(block, name, "meta")
         _return_freed_memory()
 
     def begin_output(self) -> None:
         self.writing = True
 
-    def before_capture(self, windows: torch.Tensor) -> torch.Tensor:
-        """Load only the embedding rows the windows use, and renumber the windows to match.
+    def stored_tensors(self, index: int) -> list[str]:
+        """What block ``index`` reads from the files: its parameters, and its buffers that the
+        checkpoint holds (Gemma 4's ``layer_scalar`` is a trained buffer; rotary tables are not
+        stored and keep their computed values)."""
+        block = self.block(index)
+        buffers = [n for n, _ in block.named_buffers() if f"{self.prefix}.{index}.{n}" in self.weights.files]
+        return [name for name, _ in block.named_parameters()] + buffers
 
-        The embeddings are needed only to compute block 0's inputs, and those depend on a token's
-        row alone (positions and masks come from the shape), so a compact table gives the same
-        inputs at a fraction of the memory.
+    def before_capture(self, windows: torch.Tensor) -> torch.Tensor:
+        """Load only the rows the windows use of every token-indexed table, and renumber the windows
+        to match.
+
+        The tables (the embeddings, and Gemma 4's per-layer embeddings) are needed only to compute
+        block 0's inputs, and those depend on a token's row alone (positions and masks come from the
+        shape), so compact tables give the same inputs at a fraction of the memory. A padding row
+        (``padding_idx``, e.g. Qwen's pad id 151643) may lie outside the compact table: it only
+        matters for gradients, so it is switched off for the capture.
         """
-        embeddings = self.model.get_input_embeddings()
-        key = next(n for n, p in self.model.named_parameters() if p is embeddings.weight)
-        self._full_shape = tuple(embeddings.weight.shape)
         used, renumbered = torch.unique(windows, return_inverse=True)
-        table = _as(self.weights.rows(key, used.tolist()), self.dtype).to(self.device)
-        embeddings.weight = nn.Parameter(table, requires_grad=False)
+        self._tables = []
+        for key, table in token_tables(self.model):
+            self._tables.append((table, tuple(table.weight.shape), table.padding_idx))
+            rows = _as(self.weights.rows(key, used.tolist()), self.dtype).to(self.device)
+            table.weight = nn.Parameter(rows, requires_grad=False)
+            table.padding_idx = None
         return renumbered
 
     def after_capture(self) -> None:
-        embeddings = self.model.get_input_embeddings()
-        embeddings.weight = nn.Parameter(torch.empty(self._full_shape, device="meta"), requires_grad=False)
+        for table, shape, padding_idx in self._tables:
+            table.weight = nn.Parameter(torch.empty(shape, device="meta"), requires_grad=False)
+            table.padding_idx = padding_idx
+        self._tables = []
         self.model.tie_weights()  # a tied LM head shares the embedding again (for parameter counts)
+
+
+def token_tables(model: nn.Module) -> list[tuple[str, nn.Embedding]]:
+    """The embedding tables outside the blocks that token ids index (rows = the vocabulary), by
+    checkpoint name: the input embeddings, and per-layer embeddings where a family has them."""
+    vocab = model.get_input_embeddings().num_embeddings
+    inside = {id(m) for m in decoder_blocks(model).modules()}
+    return [
+        (f"{name}.weight", module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Embedding) and module.num_embeddings == vocab and id(module) not in inside
+    ]
 
 
 class ShardWriter:
@@ -222,15 +249,18 @@ def empty_model(
             )
         if name.startswith(prefix) and name not in weights.files:
             raise CfspError(f"cannot load the model in {folder}: the weights have no tensor {name!r}")
-    # Loaded on demand instead: the blocks (one at a time) and the embeddings (for the capture);
+    # Loaded on demand instead: the blocks (one at a time) and the token tables (for the capture);
     # the LM head is never run by the calibration pass.
-    skip = {id(p) for p in model.get_input_embeddings().parameters()}
+    skip = {id(table.weight) for _, table in token_tables(model)}
     skip |= {id(p) for p in model.get_output_embeddings().parameters()}
     for name, parameter in list(model.named_parameters()):
         if not name.startswith(prefix) and id(parameter) not in skip and name in weights.files:
             _load(model, name, weights, name, device, dtype)
     for name, buffer in list(model.named_buffers()):
-        _set(model, name, device, buffer)  # rotary tables and scales, built on the CPU at init
+        if name in weights.files and not name.startswith(prefix):
+            _load(model, name, weights, name, device, dtype)  # a trained buffer the checkpoint holds
+        else:
+            _set(model, name, device, buffer)  # rotary tables and scales, built on the CPU at init
     model.tie_weights()
     return model.eval()
 

@@ -1,4 +1,4 @@
-"""Physical slicing of the gated MLPs and the matching config update.
+"""Physical slicing of the MLPs and the matching config update.
 
 Knows nothing about scores: it takes the kept channel indices (and an optional down_proj bias)
 per block and returns a smaller dense model.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cfsp import layouts
 from cfsp.models import block_mlp, decoder_blocks
 
 
@@ -36,13 +37,17 @@ def slice_mlp(
     with_bias: bool = False,
     down_weight: torch.Tensor | None = None,
 ):
-    """Keep rows ``kept`` of gate/up and the same columns of down.
+    """Keep channels ``kept``: their rows of every projection before the nonlinearity and their
+    columns of the one after it.
 
     ``with_bias`` gives every projection a bias (zeros where there was none) so that the saved
-    config can say ``mlp_bias: true``; ``down_bias`` is added to down_proj's bias; ``down_weight``
-    [H, len(kept)] replaces the kept columns of down (a refit).
+    config can say ``mlp_bias: true``; ``down_bias`` is added to the down projection's bias;
+    ``down_weight`` [H, len(kept)] replaces its kept columns (a refit).
     """
-    kept = kept.to(mlp.down_proj.weight.device)
+    layout = layouts.mlp_layout(mlp)
+    down = getattr(mlp, layout.down)
+    width = down.in_features
+    kept = kept.to(down.weight.device)
 
     def bias_of(linear: nn.Linear, rows: torch.Tensor | None) -> torch.Tensor | None:
         if linear.bias is not None:
@@ -52,28 +57,25 @@ def slice_mlp(
         size = rows.numel() if rows is not None else linear.out_features
         return torch.zeros(size, dtype=linear.weight.dtype, device=linear.weight.device)
 
-    gate, up, down = mlp.gate_proj, mlp.up_proj, mlp.down_proj
     new_down_bias = bias_of(down, None)
     if down_bias is not None:
         extra = down_bias.to(down.weight.dtype).to(down.weight.device)
         new_down_bias = extra if new_down_bias is None else new_down_bias + extra
-    mlp.gate_proj = _sliced_linear(gate, gate.weight.detach()[kept], bias_of(gate, kept))
-    mlp.up_proj = _sliced_linear(up, up.weight.detach()[kept], bias_of(up, kept))
+    for name in layout.inputs:
+        linear = getattr(mlp, name)
+        rows = layouts.channel_rows(layout, name, kept, width)
+        setattr(mlp, name, _sliced_linear(linear, linear.weight.detach()[rows], bias_of(linear, rows)))
     if down_weight is None:
         down_weight = down.weight.detach()[:, kept]
     down_weight = down_weight.to(device=down.weight.device, dtype=down.weight.dtype)
-    mlp.down_proj = _sliced_linear(down, down_weight, new_down_bias)
+    setattr(mlp, layout.down, _sliced_linear(down, down_weight, new_down_bias))
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = int(kept.numel())
 
 
 def set_config_widths(config, widths: list[int], mlp_bias: bool) -> None:
-    """Record per-block widths as transformers' ``per_layer_config``; the global width stays the original."""
-    per_layer = {i: {"intermediate_size": int(w)} for i, w in enumerate(widths)}
-    if isinstance(getattr(type(config), "per_layer_config", None), property):
-        config.per_layer_config = per_layer  # transformers' heterogeneous-config support
-    else:
-        config.per_layer_config = {str(i): v for i, v in per_layer.items()}
+    """Record per-block widths in ``per_layer_config``; the global width stays the original."""
+    layouts.set_layer_widths(config, widths)
     if mlp_bias:
         config.mlp_bias = True
 

@@ -1,0 +1,178 @@
+"""Where things are in a model: its decoder blocks, the projections of each block's MLP, and the
+per-block widths in its config. The one place that knows model layouts.
+
+A *channel* is one intermediate neuron of a block's MLP: a row of every projection that feeds the
+nonlinearity and a column of the projection after it. Three MLP layouts cover the dense decoders
+of transformers:
+
+- gated: ``down(act(gate(x)) * up(x))`` with separate ``gate_proj`` / ``up_proj`` (Llama, Qwen,
+  Mistral, Gemma, OLMo, SmolLM, Granite, ...);
+- fused: the same with one ``gate_up_proj`` whose first half of rows is the gate and second half
+  the up projection (Phi-3 / Phi-4, GLM / GLM-4);
+- plain: ``down(act(up(x)))`` (Starcoder2's ``c_fc`` / ``c_proj``, Apertus, Arcee, Nemotron).
+
+A new family with another naming is one more entry in ``MLP_LAYOUTS``. This file needs only torch,
+because it is also copied, unchanged, next to every saved pruned model (as ``layouts.py``) for the
+modeling file there.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class MlpLayout:
+    """Names of one MLP layout's projections inside ``block.mlp``."""
+
+    kind: str  # "gated", "fused" or "plain"
+    down: str  # the projection after the nonlinearity: its input columns are the channels
+    up: str  # the projection whose output rows are the channels (fused: gate rows, then up rows)
+    gate: str | None = None  # a separate gate projection (gated only)
+
+    @property
+    def inputs(self) -> tuple[str, ...]:
+        """The projections before the nonlinearity, each with the channels as its output rows."""
+        return (self.gate, self.up) if self.gate else (self.up,)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return (*self.inputs, self.down)
+
+
+MLP_LAYOUTS = (
+    MlpLayout("gated", down="down_proj", up="up_proj", gate="gate_proj"),
+    MlpLayout("fused", down="down_proj", up="gate_up_proj"),
+    MlpLayout("plain", down="down_proj", up="up_proj"),
+    MlpLayout("plain", down="c_proj", up="c_fc"),
+    MlpLayout("plain", down="fc2", up="fc1"),
+)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The decoder blocks of a causal LM: ``model.model.layers`` in every supported family."""
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    return layers if isinstance(layers, nn.ModuleList) else None
+
+
+def find_layout(mlp: nn.Module | None) -> MlpLayout | None:
+    """The first layout whose projections ``mlp`` has, all as ``nn.Linear``; None if none fits."""
+    if mlp is None:
+        return None
+    for layout in MLP_LAYOUTS:
+        if all(isinstance(getattr(mlp, name, None), nn.Linear) for name in layout.names):
+            return layout
+    return None
+
+
+def mlp_layout(mlp: nn.Module) -> MlpLayout:
+    layout = find_layout(mlp)
+    if layout is None:
+        raise ValueError(f"{type(mlp).__name__} matches no known MLP layout")
+    return layout
+
+
+def mlp_width(mlp: nn.Module) -> int:
+    """The FFN (intermediate) width of an MLP: the down projection's input size."""
+    return getattr(mlp, mlp_layout(mlp).down).in_features
+
+
+def down_projection(mlp: nn.Module) -> nn.Linear:
+    return getattr(mlp, mlp_layout(mlp).down)
+
+
+def channel_rows(layout: MlpLayout, name: str, kept: torch.Tensor, width: int) -> torch.Tensor:
+    """Rows of projection ``name`` that belong to channels ``kept`` (a fused matrix has two per channel)."""
+    if layout.kind == "fused" and name == layout.up:
+        return torch.cat([kept, kept + width])
+    return kept
+
+
+def input_weights(mlp: nn.Module) -> list[torch.Tensor]:
+    """Every [D, H] weight that produces the channels (gate and up; a fused matrix split in two)."""
+    layout = mlp_layout(mlp)
+    if layout.kind == "fused":
+        return list(getattr(mlp, layout.up).weight.chunk(2, dim=0))
+    return [getattr(mlp, name).weight for name in layout.inputs]
+
+
+def _new_linear(old: nn.Linear, in_features: int, out_features: int, bias: bool) -> nn.Linear:
+    return nn.Linear(in_features, out_features, bias=bias, device=old.weight.device, dtype=old.weight.dtype)
+
+
+def resize_mlp(mlp: nn.Module, width: int, bias: bool = False) -> None:
+    """Give ``mlp`` projections for ``width`` channels (uninitialised; weights are loaded afterwards).
+
+    A projection has a bias if it had one or ``bias`` (cfsp's compensation bias) is asked for.
+    """
+    layout = mlp_layout(mlp)
+    for name in layout.inputs:
+        old = getattr(mlp, name)
+        rows = 2 * width if layout.kind == "fused" else width
+        setattr(mlp, name, _new_linear(old, old.in_features, rows, bias or old.bias is not None))
+    old = getattr(mlp, layout.down)
+    setattr(mlp, layout.down, _new_linear(old, width, old.out_features, bias or old.bias is not None))
+    if hasattr(mlp, "intermediate_size"):
+        mlp.intermediate_size = width
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-block widths in the config. transformers >= 5.2x parses ``per_layer_config`` into a spec
+# that some families use for their own per-layer settings (Gemma 4: a larger head_dim on its
+# global-attention layers); cfsp adds ``intermediate_size`` beside them and keeps everything else.
+
+
+def per_layer_overrides(config) -> dict[int, dict]:
+    """Every per-layer override of ``config`` (the family's own and cfsp's widths), by layer index."""
+    spec = config.__dict__.get("_heterogeneity_spec")
+    if spec is not None:
+        return copy.deepcopy(spec.per_layer_overrides)
+    raw = config.__dict__.get("per_layer_config") or {}
+    return {int(k): dict(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+
+
+def global_width(config) -> int:
+    """The config's own ``intermediate_size``, which a per-layer override may hide."""
+    if "_heterogeneity_spec" in config.__dict__:
+        return config._getattr_without_heterogeneous_validation("intermediate_size")
+    return config.intermediate_size
+
+
+def layer_widths(config) -> list[int]:
+    """FFN width of every block as the config states it (``per_layer_config`` or the global width)."""
+    overrides = per_layer_overrides(config)
+    default = global_width(config)
+    return [int(overrides.get(i, {}).get("intermediate_size", default)) for i in range(config.num_hidden_layers)]
+
+
+def _set_overrides(config, overrides: dict[int, dict]) -> None:
+    overrides = {i: v for i, v in overrides.items() if v}
+    if isinstance(getattr(type(config), "per_layer_config", None), property):
+        config.per_layer_config = overrides or None  # transformers' heterogeneous-config support
+    elif overrides:
+        config.per_layer_config = {str(i): v for i, v in overrides.items()}
+    else:
+        config.__dict__.pop("per_layer_config", None)
+
+
+def set_layer_widths(config, widths: list[int]) -> None:
+    """Record per-block FFN widths in ``per_layer_config``, keeping the family's other overrides."""
+    overrides = per_layer_overrides(config)
+    for index, width in enumerate(widths):
+        overrides.setdefault(index, {})["intermediate_size"] = int(width)
+    _set_overrides(config, overrides)
+
+
+def homogeneous_config(config):
+    """A copy of ``config`` without cfsp's per-block widths, which the stock model class can build
+    (the family's own per-layer settings stay)."""
+    plain = copy.deepcopy(config)
+    overrides = per_layer_overrides(plain)
+    for values in overrides.values():
+        values.pop("intermediate_size", None)
+    _set_overrides(plain, overrides)
+    return plain
