@@ -29,7 +29,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 test-unit: $(STAMP)
-	$(PY) -m pytest -q -m "not integration and not cli"
+	$(PY) -m pytest -q -m "not integration and not cli and not families"
 
 lint: $(STAMP)
 	.venv/bin/ruff check src tests benchmarks

@@ -1,0 +1,208 @@
+"""Every supported family, from its real published config: prune in memory and streamed, save,
+reload, load with stock transformers, evaluate. The README's family table comes from these checks
+(``benchmarks/families.py`` runs ``check_family`` and writes the table)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_byte_tokenizer
+from real_models import DEFAULT_CONFIGS, REAL_CONFIGS, make_real_model, shrunk_config
+
+import cfsp
+from cfsp import layouts
+from cfsp.streaming import prune_directory
+
+pytestmark = pytest.mark.families
+FAMILIES = REAL_CONFIGS + DEFAULT_CONFIGS
+
+
+def save_source(name: str, folder: Path, vocab: int | None = None) -> Path:
+    """The family's tiny model as a Hugging Face directory (sharded safetensors + tokenizer)."""
+    model = make_real_model(name, **({"vocab": vocab} if vocab else {}))
+    model.save_pretrained(folder, max_shard_size="200KB")
+    make_byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+STOCK_LOAD = """
+import sys, torch
+sys.modules["cfsp"] = None  # any import of cfsp would now fail
+from transformers import AutoModelForCausalLM
+x = torch.load(sys.argv[1])
+for folder in sys.argv[2:]:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+        assert "cfsp" not in type(model).__module__.split(".")[0]
+        with torch.no_grad():
+            torch.save(model(x).logits, folder + ".stock.pt")
+    except Exception as exc:
+        print(folder, type(exc).__name__, exc, file=sys.stderr)
+"""
+
+
+def check_family(name: str, root: Path, calib: torch.Tensor) -> dict:
+    """Prune the family's tiny model at 50 % (cfsp defaults) in memory and streamed; returns what
+    held (each a bool) and what was seen. ``stock_load`` is filled in by ``check_stock_loads``."""
+    source = save_source(name, root / "source")
+    model, tokenizer = cfsp.load_model(source, device="cpu")
+    x = calib[:2, :40]
+    found = {"mlp": layouts.mlp_layout(model.model.layers[0].mlp).kind, "model_type": model.config.model_type}
+    result = cfsp.prune(model, calib, 0.5, multiple=32, progress=False)
+    with torch.no_grad():
+        logits = model(x).logits
+    found["pruned"] = result.params_after < result.params_before and bool(torch.isfinite(logits).all())
+    cfsp.save_pruned(model, tokenizer, result, root / "in-memory")
+    streamed = prune_directory(source, calib, 0.5, root / "streamed", device="cpu", multiple=32, progress=False)
+    same_channels = [k.tolist() for k in streamed.kept_channels] == [k.tolist() for k in result.kept_channels]
+    same_logits = []
+    for folder in ("in-memory", "streamed"):
+        reloaded, _ = cfsp.load_pruned(root / folder, device="cpu")
+        with torch.no_grad():
+            same_logits.append(torch.equal(reloaded(x).logits, logits))
+    found["streamed"] = same_channels and same_logits[1]
+    found["reload"] = same_logits[0]
+    torch.save(logits, root / "expected.pt")
+    scores = cfsp.evaluate(reloaded, tokenizer, tasks=["wikitext2"], limit=1, seqlen=32)
+    found["eval"] = math.isfinite(scores["results"]["wikitext2"]["ppl"])
+    found["widths"] = result.widths
+    return found
+
+
+def check_stock_loads(roots: list[Path], x: torch.Tensor) -> tuple[list[bool], str]:
+    """Load every pruned directory with stock transformers (trust_remote_code, cfsp not importable),
+    all in one fresh process; True where the logits equal cfsp's."""
+    torch.save(x, roots[0] / "x.pt")
+    folders = [str(root / "streamed") for root in roots]
+    done = subprocess.run(
+        [sys.executable, "-c", STOCK_LOAD, str(roots[0] / "x.pt"), *folders],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    same = []
+    for root, folder in zip(roots, folders, strict=True):
+        stock = Path(folder + ".stock.pt")
+        same.append(stock.is_file() and torch.equal(torch.load(stock), torch.load(root / "expected.pt")))
+    return same, done.stderr
+
+
+@pytest.fixture(scope="module")
+def checked(tmp_path_factory) -> dict:
+    """Every family checked once; the stock loads share one process."""
+    from conftest import VOCAB
+
+    calib = torch.randint(4, VOCAB, (16, 64), generator=torch.Generator().manual_seed(0))
+    torch.set_num_threads(1)
+    roots = {name: tmp_path_factory.mktemp(name) for name in FAMILIES}
+    found = {name: check_family(name, roots[name], calib) for name in FAMILIES}
+    same, errors = check_stock_loads(list(roots.values()), calib[:2, :40])
+    for name, ok in zip(FAMILIES, same, strict=True):
+        found[name]["stock_load"] = ok
+        found[name]["stock_error"] = [line for line in errors.splitlines() if name in line]
+    return found
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_prunes_streams_saves_and_loads(name, checked):
+    found = checked[name]
+    assert found["pruned"]
+    assert found["streamed"], "streamed pruning differs from in-memory pruning"
+    assert found["reload"], "cfsp.load_pruned gives different logits"
+    assert found["stock_load"], found["stock_error"]
+    assert found["eval"]
+
+
+def test_fixtures_keep_the_real_ids_beyond_the_vocabulary():
+    """The pad id near the top of the vocabulary is what crashed streaming; the fixtures keep it."""
+    assert shrunk_config("glm-4-9b-0414").pad_token_id == 509  # 151329 of 151552 in the real model
+    assert shrunk_config("phi-4-mini-instruct").pad_token_id == 511
+    assert shrunk_config("smollm3-3b").pad_token_id == 510
+
+
+def test_fused_and_plain_layouts_prune_with_every_method(calib):
+    for name in ("phi-4-mini-instruct", "starcoder2-3b"):
+        for method in ("cfsp", "wanda-sp", "flap", "magnitude-sp"):
+            model = make_real_model(name)
+            result = cfsp.prune(model, calib, 0.5, method=method, progress=False)
+            assert cfsp.models.ffn_widths(model) == result.widths
+            with torch.no_grad():
+                assert torch.isfinite(model(calib[:1, :16]).logits).all()
+
+
+def test_fused_slicing_keeps_each_channel_whole(calib):
+    """A fused gate_up matrix loses the gate row and the up row of each pruned channel together:
+    with all but the pruned channels' rows unchanged, the pruned MLP equals the dense MLP
+    with those channels' down columns zeroed."""
+    from cfsp.surgery import slice_mlp
+
+    model = make_real_model("phi-4-mini-instruct")
+    mlp = model.model.layers[0].mlp
+    h = torch.randn(3, 64)
+    kept = torch.arange(0, 256, 2)
+    with torch.no_grad():
+        down = mlp.down_proj.weight.clone()
+        mask = torch.zeros(256)
+        mask[kept] = 1
+        mlp.down_proj.weight.mul_(mask)
+        expected = mlp(h)
+        mlp.down_proj.weight.copy_(down)
+        slice_mlp(mlp, kept)
+        assert mlp.gate_up_proj.weight.shape == (256, 64) and mlp.down_proj.weight.shape == (64, 128)
+        torch.testing.assert_close(mlp(h), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_qwen2_streams_at_its_real_vocabulary_size(calib, tmp_path):
+    """Qwen2.5 at its real vocabulary (151,936) with the pad id its tokenizer uses (151,643), far
+    outside the rows the calibration windows use: streamed == in memory."""
+    name = "qwen2.5-1.5b-instruct"
+    config = shrunk_config(name, vocab=151936)
+    assert config.bos_token_id == 151643 and config.eos_token_id == 151645  # the real ids, kept
+    torch.manual_seed(0)
+    from transformers import AutoModelForCausalLM
+
+    config.pad_token_id = 151643
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    source = tmp_path / "qwen"
+    model.save_pretrained(source)
+    make_byte_tokenizer().save_pretrained(source)
+    expected = cfsp.prune(model, calib, 0.5, multiple=32, progress=False)
+    result = prune_directory(source, calib, 0.5, tmp_path / "out", device="cpu", multiple=32, progress=False)
+    assert [k.tolist() for k in result.kept_channels] == [k.tolist() for k in expected.kept_channels]
+    reloaded, _ = cfsp.load_pruned(tmp_path / "out", device="cpu")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["pad_token_id"] == 151643
+    with torch.no_grad():
+        assert torch.equal(reloaded(calib[:2]).logits, model(calib[:2]).logits)
+
+
+def test_gemma4_keeps_its_own_per_layer_config(calib, tmp_path):
+    """Gemma 4 has per_layer_config of its own (a larger head_dim on global layers): a dense
+    directory loads as a dense model, and pruning adds the widths beside the head sizes."""
+    source = save_source("gemma-4-31b-it", tmp_path / "gemma4")
+    assert "per_layer_config" in json.loads((source / "config.json").read_text())
+    model, _ = cfsp.load_model(source, device="cpu")
+    result = cfsp.prune(model, calib, 0.5, multiple=32, progress=False)
+    cfsp.save_pruned(model, None, result, tmp_path / "out")
+    per_layer = json.loads((tmp_path / "out" / "config.json").read_text())["per_layer_config"]
+    global_layer = model.config.layer_types.index("full_attention")
+    assert per_layer[str(global_layer)]["head_dim"] == 32
+    assert [per_layer.get(str(i), {}).get("intermediate_size", 256) for i in range(6)] == result.widths
+
+
+def test_mixture_of_experts_is_one_line(calib):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "qwen2_moe", hidden_size=32, intermediate_size=64, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2, vocab_size=300,
+        shared_expert_intermediate_size=32,
+    )  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(cfsp.CfspError, match="mixture-of-experts"):
+        cfsp.prune(model, calib, 0.5, progress=False)
