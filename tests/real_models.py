@@ -34,6 +34,7 @@ DEFAULT_CONFIGS = [
     "apertus",
     "arcee",
     "nemotron",
+    "gemma4_text",  # the defaults have per-layer embeddings (a second token-indexed table)
 ]
 HIDDEN, HEADS, HEAD_DIM, FFN, VOCAB = 64, 4, 16, 256, 512
 
@@ -110,6 +111,14 @@ def shrunk_config(name: str, vocab: int = VOCAB):
     ):
         if config.get(key):
             config[key] = size
+    per_layer = config.get("per_layer_config")
+    if isinstance(per_layer, dict):  # the family's own per-layer sizes (Gemma 4's global heads)
+        sizes = {"head_dim": 2 * head_dim, "num_key_value_heads": 1, "intermediate_size": FFN}
+        config["per_layer_config"] = {
+            key: {k: sizes.get(k, v) for k, v in values.items()}
+            for key, values in per_layer.items()
+            if int(key) < layers
+        }
     if config.get("vocab_size_per_layer_input"):
         config["vocab_size_per_layer_input"] = vocab
     _shrink_rope(config, head_dim)

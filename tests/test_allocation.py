@@ -1,5 +1,6 @@
 """Keep fractions, widths and global thresholds."""
 
+import pytest
 import torch
 
 from cfsp import allocation as alloc
@@ -91,3 +92,15 @@ def test_global_selection_uses_per_block_standardised_scores():
     low = torch.tensor([0.0, 1.0, 2.0, 3.0])
     # after standardisation both blocks are identical, so each keeps the same count
     assert alloc.global_widths([high, low], 0.5) == [2, 2]
+
+
+def test_keep_fractions_meet_the_sparsity_over_unequal_widths():
+    """Blocks of different FFN widths (Gemma 4's double-wide layers): the kept channels, not the
+    mean fraction, come to 1 - p of the total; equal widths give the plain mean as before."""
+    importance = [0.1, 0.3, 0.2, 0.4]
+    widths = [256, 256, 512, 512]
+    keep = alloc.cfsp_keep_fractions(importance, 0.5, 13.1, widths)
+    assert sum(k * w for k, w in zip(keep, widths)) == pytest.approx(0.5 * sum(widths))
+    assert alloc.cfsp_keep_fractions(importance, 0.5, 13.1, [256] * 4) == alloc.cfsp_keep_fractions(
+        importance, 0.5, 13.1
+    )

@@ -206,3 +206,29 @@ def test_mixture_of_experts_is_one_line(calib):
     model = AutoModelForCausalLM.from_config(config)
     with pytest.raises(cfsp.CfspError, match="mixture-of-experts"):
         cfsp.prune(model, calib, 0.5, progress=False)
+
+
+def test_gemma4_kv_shared_layers_and_double_wide_mlps(calib, tmp_path):
+    """Gemma 4's small models share K/V from earlier layers and double the FFN of the sharing
+    layers: block-by-block calibration keeps the sharing, allocation meets the sparsity over
+    unequal widths, and streamed == in memory."""
+    from transformers import AutoModelForCausalLM
+
+    config = shrunk_config("gemma4_text")
+    config.num_hidden_layers = 8
+    config.layer_types = (["sliding_attention"] * 3 + ["full_attention"]) * 2
+    config.per_layer_config = {3: {"head_dim": 32}, 7: {"head_dim": 32}}
+    config.num_kv_shared_layers, config.use_double_wide_mlp = 4, True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    assert cfsp.models.ffn_widths(model) == [256] * 4 + [512] * 4
+    model.save_pretrained(tmp_path / "source")
+    expected = cfsp.prune(model, calib, 0.5, multiple=32, progress=False)
+    assert abs(expected.realised_sparsity - 0.5) <= 16 / 3072
+    result = prune_directory(
+        tmp_path / "source", calib, 0.5, tmp_path / "out", device="cpu", multiple=32, progress=False
+    )
+    assert [k.tolist() for k in result.kept_channels] == [k.tolist() for k in expected.kept_channels]
+    reloaded, _ = cfsp.load_pruned(tmp_path / "out", device="cpu")
+    with torch.no_grad():
+        assert torch.equal(reloaded(calib[:2]).logits, model(calib[:2]).logits)

@@ -18,16 +18,21 @@ _SHRINK_MARGIN = 1.05
 
 
 def cfsp_keep_fractions(
-    importance: list[float], sparsity: float, temperature: float = DEFAULT_TEMPERATURE
+    importance: list[float],
+    sparsity: float,
+    temperature: float = DEFAULT_TEMPERATURE,
+    widths: list[int] | None = None,
 ) -> list[float]:
     """Fraction of FFN channels each block keeps: ``sigmoid(tau * (I - mean I))``, rescaled to 1 - p.
 
     If the most important block would keep more than everything, the spread of the sigmoids around
-    their mean is shrunk first (the reference's rule, with its 1.05 margin).
+    their mean is shrunk first (the reference's rule, with its 1.05 margin). ``widths``: the blocks'
+    FFN widths where they differ (Gemma 4's double-wide layers), so that the kept channels, not
+    the mean fraction, come to 1 - p of the total.
     """
     values = torch.tensor(importance, dtype=torch.float64)
     logits = temperature * (values - values.mean())
-    return _sigmoid_keep(logits, sparsity)
+    return _sigmoid_keep(logits, sparsity, widths)
 
 
 def reference_keep_fractions(importance_sums: list[float], sparsity: float) -> list[float]:
@@ -37,13 +42,21 @@ def reference_keep_fractions(importance_sums: list[float], sparsity: float) -> l
     return _sigmoid_keep(logits, sparsity)
 
 
-def _sigmoid_keep(logits: torch.Tensor, sparsity: float) -> list[float]:
+def _sigmoid_keep(logits: torch.Tensor, sparsity: float, widths: list[int] | None = None) -> list[float]:
     s = torch.sigmoid(logits)
-    avg = s.mean()
+    if widths is None or len(set(widths)) == 1:
+        mean = torch.mean  # equal widths: the reference's plain mean, bit for bit
+    else:
+        share = torch.tensor(widths, dtype=torch.float64) / sum(widths)
+
+        def mean(values: torch.Tensor) -> torch.Tensor:
+            return (values * share).sum()
+
+    avg = mean(s)
     if s.max() / avg * (1 - sparsity) >= 1:
         k = avg * (1 / (1 - sparsity) - 1) / (s.max() - avg) / _SHRINK_MARGIN
         s = avg + (s - avg) * k
-        avg = s.mean()
+        avg = mean(s)
     return (s / avg * (1 - sparsity)).tolist()
 
 

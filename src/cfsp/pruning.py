@@ -372,7 +372,7 @@ def _allocate(
         sums = [m * s.tokens for m, s in zip(importance, stats, strict=True)]
         keep = alloc.reference_keep_fractions(sums, sparsity)
     else:
-        keep = alloc.cfsp_keep_fractions(importance, sparsity, temperature)
+        keep = alloc.cfsp_keep_fractions(importance, sparsity, temperature, full)
 
     if reference:
         widths = alloc.reference_widths(keep, full, multiple)
