@@ -232,3 +232,49 @@ def test_gemma4_kv_shared_layers_and_double_wide_mlps(calib, tmp_path):
     reloaded, _ = cfsp.load_pruned(tmp_path / "out", device="cpu")
     with torch.no_grad():
         assert torch.equal(reloaded(calib[:2]).logits, model(calib[:2]).logits)
+
+
+@pytest.mark.parametrize("name", ["phi-4-mini-instruct", "starcoder2-3b"])
+@pytest.mark.parametrize("train", ["lora", "mlp"])
+def test_recovery_trains_fused_and_plain_mlps(name, train, calib, tmp_path):
+    """IG-LoRA finds the family's own projections (Phi's qkv_proj and gate_up_proj, Starcoder2's
+    c_fc / c_proj); both kinds of training lower the loss and keep the pruned widths."""
+    from cfsp.recovery import RecoveryConfig, load_recovery_data, recover
+
+    model = make_real_model(name)
+    pruned = cfsp.prune(model, calib, 0.5, multiple=32, progress=False)
+    text = tmp_path / "text.txt"
+    text.write_text("the cat sat on the mat and the dog ran to the log. " * 40, encoding="utf-8")
+    dataset = load_recovery_data(text, make_byte_tokenizer(), seqlen=32)
+    settings = dict(steps=6, lr=1e-2, batch_size=4, grad_accum=1, seqlen=32, logging_steps=1, save_steps=100)
+    settings["train"] = train
+    result = recover(model, make_byte_tokenizer(), dataset, pruned.block_importance, RecoveryConfig(**settings),
+                     tmp_path / "run")  # fmt: skip
+    losses = [entry["loss"] for entry in result.log_history if "loss" in entry]
+    assert losses[-1] < losses[0]
+    assert cfsp.models.ffn_widths(result.model) == pruned.widths
+    if train == "lora":
+        assert result.trainable_params > 0 and len(result.ranks) == len(pruned.widths)
+
+
+def test_command_line_prunes_and_evaluates_a_real_config_directory(tmp_path):
+    """``cfsp prune --model DIR`` (streamed by default) on GLM-4, whose pad id sits at the top of
+    its vocabulary, then ``cfsp eval`` on the output."""
+    from typer.testing import CliRunner
+
+    from cfsp.cli import app
+
+    source = save_source("glm-4-9b-0414", tmp_path / "glm4")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"sentence number {i} for calibration" for i in range(300)))
+    runner = CliRunner()
+    out = tmp_path / "pruned"
+    args = ["prune", "--model", str(source), "--calib-source", str(corpus), "--nsamples", "8"]
+    done = runner.invoke(app, [*args, "--seqlen", "64", "--multiple", "32", "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    assert cfsp.read_plan(out)["architecture"] == "Glm4ForCausalLM"
+    report = tmp_path / "eval.json"
+    done = runner.invoke(app, ["eval", str(out), "--tasks", "wikitext2", "--limit", "1", "--seqlen", "32",
+                               "--output", str(report)])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    assert math.isfinite(json.loads(report.read_text())["results"]["wikitext2"]["ppl"])

@@ -6,15 +6,17 @@ import math
 from dataclasses import dataclass
 
 from cfsp.errors import CfspError
+from cfsp.layouts import MLP_LAYOUTS
 
+# The attention projections and every MLP layout's projections (cfsp.layouts); each model has
+# some of them (Llama: q/k/v/o + gate/up/down; Phi-3: qkv_proj/o_proj + gate_up_proj/down_proj).
 DEFAULT_TARGETS: tuple[str, ...] = (
     "q_proj",
     "k_proj",
     "v_proj",
+    "qkv_proj",
     "o_proj",
-    "gate_proj",
-    "up_proj",
-    "down_proj",
+    *dict.fromkeys(name for layout in MLP_LAYOUTS for name in layout.names),
 )
 OBJECTIVES = ("lm", "kd", "lm+kd")  # next-token loss, distillation from the dense model, or both
 TRAINED = ("lora", "mlp")  # (IG-)LoRA adapters merged afterwards, or the pruned MLP weights themselves

@@ -72,7 +72,7 @@ def rank_unit_costs(model: nn.Module, target_modules: Sequence[str] = DEFAULT_TA
         found.update(name.split(".")[-1] for name in linears)
         costs.append(sum(m.in_features + m.out_features for m in linears.values()))
     missing = sorted(set(target_modules) - found)
-    if missing:
+    if missing and tuple(target_modules) != DEFAULT_TARGETS:  # the defaults cover every family
         raise CfspError(
             f"LoRA target(s) {', '.join(missing)} match no Linear in any decoder block; fix the names"
         )
