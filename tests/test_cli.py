@@ -47,6 +47,8 @@ def test_prune_prints_summary_and_saves(workspace):
         (["--sparsity", "1.2"], "sparsity must be in (0, 1)"),
         (["--method", "obc"], "unknown method"),
         (["--seqlen", "100000"], "fewer than one window"),
+        (["--bias-compensation"], "use --compensation mean"),
+        (["--rounding", "up"], "unknown rounding"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(workspace, extra, message):

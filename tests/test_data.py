@@ -55,3 +55,20 @@ def test_unknown_model_names_are_refused(tmp_path):
         cfsp.load_model("llama-9000")
     with pytest.raises(cfsp.CfspError, match="not a named default"):
         cfsp.load_model(tmp_path / "missing")
+
+
+def test_the_default_data_ships_inside_the_repository(monkeypatch):
+    """No environment variable and no folder beside the clone: the package finds its own data."""
+    from pathlib import Path
+
+    import cfsp
+    from cfsp.data import data_dir, data_file
+
+    monkeypatch.delenv("CFSP_DATA_DIR", raising=False)
+    repository = Path(__file__).resolve().parents[1]
+    resolved = data_dir()
+    assert resolved.is_relative_to(repository) and resolved.is_relative_to(Path(cfsp.__file__).parent)
+    for name in ("wikitext2/test.jsonl", "wikitext2/validation.jsonl", "piqa/validation.jsonl",
+                 "gpteacher_roleplay/train.jsonl", "dolly_hhrlhf_small/train.jsonl"):  # fmt: skip
+        assert data_file(name).stat().st_size > 10_000
+    assert (resolved / "MANIFEST.md").is_file()

@@ -45,7 +45,7 @@ def test_cfsp_matches_reference_saves_reloads_and_keeps_quality(smollm2, tmp_pat
         0.5,
         temperature=N * LENGTH / 1e4,
         channel_metric="three_w_one_wa",
-        bias_compensation=False,
+        compensation="none",
         rounding="nearest",
         stats=stats,
         progress=False,

@@ -14,7 +14,7 @@ from cfsp.methods import METHODS
 from cfsp.models import ffn_widths
 
 # the reference's channel rule and per-block rounding
-REFERENCE_SCORE = dict(channel_metric="three_w_one_wa", bias_compensation=False, rounding="nearest")
+REFERENCE_SCORE = dict(channel_metric="three_w_one_wa", compensation="none", rounding="nearest")
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -266,3 +266,16 @@ def test_offloaded_weights_are_refused_in_one_line(calib):
     model.model.layers[1].mlp.up_proj.weight = torch.nn.Parameter(torch.empty(256, 64, device="meta"))
     with pytest.raises(cfsp.CfspError, match="weights are offloaded"):
         cfsp.prune(model, calib, 0.5, multiple=32, progress=False)
+
+
+@pytest.mark.parametrize("rounding", ["budget", "nearest"])
+@pytest.mark.parametrize("sparsity", [0.1, 0.5])
+def test_a_multiple_wider_than_the_ffn_is_an_error_not_a_larger_model(calib, rounding, sparsity):
+    """Every block would keep all 256 channels and gain a compensation bias: refused before any
+    work, with or without --allow-inexact."""
+    model = make_tiny_model("llama")
+    for allow in (False, True):
+        with pytest.raises(cfsp.CfspError, match="not below the FFN width"):
+            cfsp.prune(model, calib, sparsity, multiple=100000, rounding=rounding, allow_inexact=allow,
+                       progress=False)  # fmt: skip
+    assert cfsp.models.ffn_widths(model) == [256] * 4

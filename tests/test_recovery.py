@@ -10,7 +10,6 @@ import torch
 from conftest import make_byte_tokenizer, make_tiny_model
 from torch import nn
 
-from cfsp.data import data_dir
 from cfsp.errors import CfspError
 from cfsp.recovery import (
     BUDGET_TOLERANCE,
@@ -333,10 +332,6 @@ def test_bad_recovery_data_is_reported(tmp_path):
 
 
 def test_named_sources_resolve():
-    try:
-        data_dir()
-    except CfspError:
-        pytest.skip("shared data directory not present")
     tokenizer = make_byte_tokenizer()
     dolly = load_recovery_data("dolly_hhrlhf_small", tokenizer, seqlen=512, max_samples=3)
     roleplay = load_recovery_data("gpteacher_roleplay", tokenizer, seqlen=1024, max_samples=3)

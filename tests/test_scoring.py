@@ -11,7 +11,7 @@ from cfsp.scoring import ChannelInputs, block_importance, channel_scores, refere
 
 def _stats_from(acts: torch.Tensor) -> BlockStats:
     """BlockStats built from raw intermediate activations [windows, tokens, D]."""
-    stats = BlockStats()
+    stats = BlockStats(keep_windows=True)
     stats.add_channels(acts)
     stats.tokens = acts.shape[0] * acts.shape[1]
     stats.windows = acts.shape[0]
@@ -89,7 +89,7 @@ def test_reference_fluctuation_follows_the_recurrence(block):
         else:
             fluct = fluct * (n - 1) / n + (window - mean).pow(2).sum(0) / (n + 1)
     assert torch.allclose(reference_fluctuation(block["stats"]), fluct)
-    reference_score = channel_scores("flap", _inputs(block, reference=True))
+    reference_score = channel_scores("flap", _inputs(block, window_fluctuation=True))
     assert torch.allclose(reference_score, fluct * block["down"].pow(2).sum(0))
 
 

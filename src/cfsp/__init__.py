@@ -1,6 +1,7 @@
 """cfsp: coarse-to-fine structured pruning of LLM feed-forward layers, and its recovery."""
 
 from cfsp.bench import llamacpp_speed_benchmark, speed_benchmark
+from cfsp.config import PruneConfig
 from cfsp.data import calibration_windows
 from cfsp.errors import CfspError
 from cfsp.evaluation import evaluate
@@ -12,6 +13,7 @@ from cfsp.recovery import RecoveryConfig, recover
 
 __all__ = [
     "CfspError",
+    "PruneConfig",
     "PruneResult",
     "RecoveryConfig",
     "apply_plan",

@@ -70,7 +70,7 @@ def round_width(width: float, full: int, multiple: int) -> int:
     return int(min(full, max(rounded, min(multiple, full))))
 
 
-ROUNDINGS = ("budget", "nearest")
+ROUNDINGS = ("budget", "nearest", "reference")  # reference: half-up, see reference_widths
 
 
 def widths_from_fractions(
@@ -87,7 +87,7 @@ def round_widths(targets: list[float], full: list[int], multiple: int, rounding:
     close to the sum of the targets as the multiple allows: every block is rounded down, then the
     blocks with the largest remainders get one more multiple until the total is reached.
     """
-    if rounding == "nearest" or multiple == 1:
+    if rounding != "budget" or multiple == 1:
         return [round_width(t, d, multiple) for t, d in zip(targets, full, strict=True)]
     widths = [
         round_width(math.floor(t / multiple) * multiple, d, multiple)

@@ -43,6 +43,7 @@ class BlockStats:
     window_tokens: list[int] = field(default_factory=list)
     gram: torch.Tensor | None = None  # [D, D] sum over tokens of x x^T, only with second_moments
     second_moments: bool = False
+    keep_windows: bool = False  # per-window sums, which only the reference's FLAP statistic reads
 
     def add_channels(self, act: torch.Tensor) -> None:
         """Record intermediate activations ``act`` [batch, seq, D]; one window per batch row.
@@ -66,9 +67,10 @@ class BlockStats:
             part = symmetric_gram(flat if flat.dtype == torch.float64 else flat.float())
             part = part.to(act.device, torch.float64)
             self.gram = part if self.gram is None else self.gram.add_(part)
-        self.window_sum.extend(per_window_sum.unbind(0))
-        self.window_sum_sq.extend(per_window_sq.unbind(0))
-        self.window_tokens.extend([act.shape[1]] * act.shape[0])
+        if self.keep_windows:
+            self.window_sum.extend(per_window_sum.unbind(0))
+            self.window_sum_sq.extend(per_window_sq.unbind(0))
+            self.window_tokens.extend([act.shape[1]] * act.shape[0])
 
     def add_block_io(self, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
         """Record how far the block moved each token's hidden state."""
@@ -203,13 +205,15 @@ def calibrate(
     progress: bool = True,
     second_moments: bool = False,
     placement: InMemoryBlocks | None = None,
+    window_stats: bool = True,
 ) -> list[BlockStats]:
     """One forward pass per block over ``windows`` [N, L]; returns one ``BlockStats`` per block.
 
     ``after_block(index, stats)`` may modify the block (sequential pruning); if it returns True the
     block's outputs are recomputed so later blocks see the modified block. ``second_moments``
     also records each block's D x D Gram matrix of the down_proj input (for the refit; D^2 x 8 bytes
-    per block, kept until the caller drops the stats). ``placement`` onloads each block before it
+    per block, kept until the caller drops the stats). ``window_stats`` keeps per-window sums (the
+    reference's FLAP statistic needs them; ``prune`` asks only then). ``placement`` onloads each block before it
     runs and offloads it after ``after_block``, so only one block's weights need be in memory.
     """
     placement = placement or InMemoryBlocks()
@@ -228,7 +232,7 @@ def calibrate(
     with torch.inference_mode():
         for index, block in enumerate(blocks):
             placement.onload(index)
-            stats = BlockStats(second_moments=second_moments)
+            stats = BlockStats(second_moments=second_moments, keep_windows=window_stats)
             hook = layouts.down_projection(block_mlp(block)).register_forward_pre_hook(
                 lambda _module, args, stats=stats: stats.add_channels(args[0])
             )

@@ -107,6 +107,12 @@ def totals_table(result, cost: dict | None = None) -> Table:
     return table
 
 
+def _help(name: str) -> str:
+    from cfsp.config import option_help
+
+    return option_help(name)
+
+
 @app.command()
 @friendly_errors
 def prune(
@@ -114,52 +120,31 @@ def prune(
     model: Annotated[
         str, typer.Option(help="Named default (smollm2, gemma3-270m), HF directory or .gguf.")
     ] = "smollm2",
-    sparsity: Annotated[float, typer.Option(help="Fraction of FFN channels to remove, in (0, 1).")] = 0.5,
-    method: Annotated[str, typer.Option(help="cfsp, wanda-sp, flap or magnitude-sp.")] = "cfsp",
+    sparsity: Annotated[float, typer.Option(help=_help("sparsity"))] = 0.5,
+    method: Annotated[str, typer.Option(help=_help("method"))] = "cfsp",
     calib_source: Annotated[str, typer.Option(help="wikitext2 or a .txt/.jsonl file.")] = "wikitext2",
     nsamples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 128,
     seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 1024,
     seed: Annotated[int, typer.Option(help="Seed of the window sampling.")] = 0,
     data_dir: Annotated[
-        Path | None, typer.Option(help="Data directory (default: $CFSP_DATA_DIR or ../shared/data).")
+        Path | None,
+        typer.Option(help="Data directory (default: $CFSP_DATA_DIR, else the data shipped with cfsp)."),
     ] = None,
-    block_metric: Annotated[str, typer.Option(help="angular, cosine, mse, mae or uniform.")] = "angular",
-    channel_metric: Annotated[str | None, typer.Option(help="Override the method's channel metric.")] = None,
-    allocation: Annotated[
-        str | None, typer.Option(help="Override the allocation: cfsp, uniform or global.")
-    ] = None,
-    temperature: Annotated[float, typer.Option(help="CFSP allocation temperature.")] = 13.1072,
-    b: Annotated[float, typer.Option(help="Activation exponent inside the weight term.")] = 1.0,
-    c: Annotated[float, typer.Option(help="Activation exponent of the channel score.")] = 1.0,
-    multiple: Annotated[int | None, typer.Option(help="Round widths to this multiple (1 = off).")] = None,
-    rounding: Annotated[
-        str,
-        typer.Option(help="budget: hit the target sparsity overall; nearest: round each block alone."),
-    ] = "budget",
-    bias_compensation: Annotated[
-        bool | None,
-        typer.Option(
-            "--bias-compensation/--no-bias-compensation",
-            help="Add the pruned channels' mean output to down_proj's bias (FLAP's default).",
-        ),
-    ] = None,
-    compensation: Annotated[
-        str | None,
-        typer.Option(help="none, mean (pruned channels' mean output in the bias) or refit (least squares)."),
-    ] = None,
-    refit_damping: Annotated[
-        float, typer.Option(help="Ridge damping of the refit, relative to the mean activation variance.")
-    ] = DEFAULT_DAMPING,
+    block_metric: Annotated[str, typer.Option(help=_help("block_metric"))] = "angular",
+    channel_metric: Annotated[str | None, typer.Option(help=_help("channel_metric"))] = None,
+    allocation: Annotated[str | None, typer.Option(help=_help("allocation"))] = None,
+    temperature: Annotated[float, typer.Option(help=_help("temperature"))] = 13.1072,
+    b: Annotated[float, typer.Option(help=_help("b"))] = 1.0,
+    c: Annotated[float, typer.Option(help=_help("c"))] = 1.0,
+    multiple: Annotated[int | None, typer.Option(help=_help("multiple"))] = None,
+    rounding: Annotated[str | None, typer.Option(help=_help("rounding"))] = None,
+    compensation: Annotated[str | None, typer.Option(help=_help("compensation"))] = None,
+    refit_damping: Annotated[float, typer.Option(help=_help("refit_damping"))] = DEFAULT_DAMPING,
     reference: Annotated[
-        bool, typer.Option("--reference", help="Use the reference implementation's numerics.")
+        bool, typer.Option("--reference", help="The reference preset: " + _help("preset").split(": ", 1)[1])
     ] = False,
-    sequential: Annotated[
-        bool, typer.Option("--sequential", help="Score each block on the already-pruned blocks' outputs.")
-    ] = False,
-    allow_inexact: Annotated[
-        bool,
-        typer.Option("--allow-inexact", help="Warn instead of failing when the widths miss the sparsity."),
-    ] = False,
+    sequential: Annotated[bool, typer.Option("--sequential", help=_help("sequential"))] = False,
+    allow_inexact: Annotated[bool, typer.Option("--allow-inexact", help=_help("allow_inexact"))] = False,
     stream: Annotated[
         bool,
         typer.Option(
@@ -169,29 +154,31 @@ def prune(
     ] = True,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
-    batch_size: Annotated[int, typer.Option(help="Windows per forward batch during calibration.")] = 8,
+    batch_size: Annotated[int, typer.Option(help=_help("batch_size"))] = 8,
     offload_activations: Annotated[
-        bool,
-        typer.Option(
-            "--offload-activations",
-            help="Keep calibration activations on the CPU between blocks (small GPUs).",
-        ),
+        bool, typer.Option("--offload-activations", help=_help("offload_activations"))
     ] = False,
+    bias_compensation: Annotated[
+        bool | None, typer.Option("--bias-compensation/--no-bias-compensation", hidden=True)
+    ] = None,
     overwrite: OverwriteOption = False,
 ) -> None:
     """Prune a model's FFN channels and save a smaller dense model."""
     import cfsp
     from cfsp.bench import pruning_cost
+    from cfsp.config import PruneConfig
     from cfsp.data import check_windows, describe_windows, text_source_path
     from cfsp.io import write_pruned
-    from cfsp.methods import needs_calibration
     from cfsp.models import load_tokenizer, resolve_device, resolve_dtype
     from cfsp.outdir import StagedOutput
-    from cfsp.pruning import resolve_options
     from cfsp.streaming import check_streamable, is_streamable, stream_into
 
-    options = dict(
+    if bias_compensation is not None:
+        raise CfspError("--bias-compensation is gone; use --compensation mean (or none)")
+    config = PruneConfig(
+        sparsity=sparsity,
         method=method,
+        preset="reference" if reference else "default",
         block_metric=block_metric,
         channel_metric=channel_metric,
         allocation=allocation,
@@ -200,19 +187,15 @@ def prune(
         c=c,
         multiple=multiple,
         rounding=rounding,
-        bias_compensation=bias_compensation,
         compensation=compensation,
         refit_damping=refit_damping,
-        reference=reference,
         sequential=sequential,
+        allow_inexact=allow_inexact,
         batch_size=batch_size,
+        offload_activations=offload_activations,
     )
-    resolved = resolve_options(sparsity, **options)
     resolve_dtype(dtype, resolve_device(device))
-    calibrated = resolved["compensation"] != "none" or needs_calibration(
-        resolved["channel_metric"], resolved["allocation"]
-    )
-    if calibrated:
+    if config.needs_calibration:
         check_windows(nsamples, seqlen)
         text_source_path(calib_source, data_dir)
     streamed = stream and is_streamable(model)
@@ -226,23 +209,17 @@ def prune(
             console.print(f"loading [bold]{model}[/] ...")
             net, tokenizer = cfsp.load_model(model, dtype=dtype, device=device)
         calib = calibration = None
-        if calibrated:
+        if config.needs_calibration:
             calib = cfsp.calibration_windows(
                 tokenizer, source=calib_source, n=nsamples, length=seqlen, seed=seed, data_dir=data_dir
             )
             calibration = describe_windows(calib_source, nsamples, seqlen, seed)
-        settings = dict(
-            calibration=calibration,
-            allow_inexact=allow_inexact,
-            offload_activations=offload_activations,
-            **options,
-        )
         if streamed:
             result, cost = pruning_cost(
-                stream_into, Path(model), calib, sparsity, folder, device=device, dtype=dtype, **settings
+                stream_into, Path(model), calib, config, folder, device=device, dtype=dtype, calibration=calibration
             )
         else:
-            result, cost = pruning_cost(cfsp.prune, net, calib, sparsity, **settings)
+            result, cost = pruning_cost(cfsp.prune, net, calib, config, calibration=calibration)
         console.print(summary_table(result))
         console.print(totals_table(result, cost))
         if not streamed:

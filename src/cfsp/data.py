@@ -1,8 +1,8 @@
 """Where the data lives and how calibration windows are drawn.
 
 The data directory holds plain JSONL files (WikiText-2, zero-shot tasks, recovery sets). It is
-resolved once, in one place: an explicit argument, then ``CFSP_DATA_DIR``, then ``../shared/data``
-next to the repository.
+resolved once, in one place: an explicit argument, then ``CFSP_DATA_DIR``, then the copy shipped
+inside the package (``cfsp/datasets``, see its MANIFEST.md), so a fresh clone or install works.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ import torch
 
 from cfsp.errors import CfspError
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
-_DEFAULT_DATA_DIR = _REPO_ROOT.parent / "shared" / "data"
+DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "datasets"
 
 # Named text sources: name -> (relative file, how its rows are joined). Calibration uses the
 # validation split because the WikiText-2 train split is not available offline; evaluation uses test.
@@ -30,8 +29,8 @@ TEXT_SOURCES: dict[str, str] = {
 
 
 def data_dir(path: str | os.PathLike | None = None) -> Path:
-    """Resolve the data directory: argument, then ``$CFSP_DATA_DIR``, then ``../shared/data``."""
-    candidate = path or os.environ.get("CFSP_DATA_DIR") or _DEFAULT_DATA_DIR
+    """Resolve the data directory: argument, then ``$CFSP_DATA_DIR``, then the shipped copy."""
+    candidate = path or os.environ.get("CFSP_DATA_DIR") or DEFAULT_DATA_DIR
     resolved = Path(candidate).expanduser()
     if not resolved.is_dir():
         raise CfspError(

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cfsp.errors import CfspError
-from cfsp.scoring import NEEDS_ACTIVATIONS
 
 ALLOCATIONS = ("cfsp", "uniform", "global")
 
@@ -54,8 +53,3 @@ def get_method(name: str) -> Method:
     if name not in METHODS:
         raise CfspError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
     return METHODS[name]
-
-
-def needs_calibration(channel_metric: str, allocation: str) -> bool:
-    """Calibration data is needed for activation-based scores and for importance-based allocation."""
-    return channel_metric in NEEDS_ACTIVATIONS or allocation == "cfsp"

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import logging
-import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from torch import nn
@@ -13,9 +12,9 @@ from torch import nn
 from cfsp import allocation as alloc
 from cfsp import layouts
 from cfsp.calibration import BlockStats, InMemoryBlocks, calibrate
-from cfsp.compensation import COMPENSATIONS, DEFAULT_DAMPING, compensate, refit_or_mean
+from cfsp.compensation import compensate, refit_or_mean
+from cfsp.config import PruneConfig
 from cfsp.errors import CfspError
-from cfsp.methods import ALLOCATIONS, get_method, needs_calibration
 from cfsp.models import (
     block_mlp,
     check_supported,
@@ -23,7 +22,7 @@ from cfsp.models import (
     decoder_blocks,
     ffn_widths,
 )
-from cfsp.scoring import BLOCK_METRICS, CHANNEL_METRICS, ChannelInputs, block_importance, channel_scores
+from cfsp.scoring import ChannelInputs, block_importance, channel_scores
 from cfsp.surgery import set_config_widths, slice_mlp
 
 log = logging.getLogger("cfsp")
@@ -60,71 +59,29 @@ class PruneResult:
 def prune(
     model: nn.Module,
     calib: torch.Tensor | None = None,
-    sparsity: float = 0.5,
+    config: PruneConfig | float | None = None,
     *,
-    method: str = "cfsp",
-    block_metric: str = "angular",
-    channel_metric: str | None = None,
-    allocation: str | None = None,
-    temperature: float = alloc.DEFAULT_TEMPERATURE,
-    b: float = 1.0,
-    c: float = 1.0,
-    multiple: int | None = None,
-    rounding: str = "budget",
-    bias_compensation: bool | None = None,
-    compensation: str | None = None,
-    refit_damping: float = DEFAULT_DAMPING,
-    reference: bool = False,
-    sequential: bool = False,
-    batch_size: int = 8,
     progress: bool = True,
     calibration: dict | None = None,
     stats: list[BlockStats] | None = None,
-    allow_inexact: bool = False,
     placement: InMemoryBlocks | None = None,
-    offload_activations: bool = False,
+    **options,
 ) -> PruneResult:
-    """Prune the FFN channels of ``model`` in place to a global FFN ``sparsity``.
+    """Prune the FFN channels of ``model`` in place as ``config`` says (a ``PruneConfig``).
 
-    ``channel_metric``, ``allocation``, ``multiple`` and ``compensation`` default to the method's
-    own; ``compensation`` is ``none``, ``mean`` (FLAP's mean output of the pruned channels in
-    down_proj's bias; ``bias_compensation=True`` is the older spelling) or ``refit`` (ridge least
-    squares of down_proj on the kept channels, damped by ``refit_damping``; see ``compensation.py``); ``rounding`` says how widths
-    meet the multiple (``budget``: the total hits the target; ``nearest``: per block); ``reference``
-    switches every deliberate deviation back to the reference implementation's numerics. ``stats``
-    reuses an earlier ``calibrate`` of the same dense model: every method scores dense activations,
-    so one pass can serve several methods and sparsities. ``sequential`` re-chooses each block's
-    channels on the activations of the already-pruned blocks before it (a second pass).
-    Widths that miss the target by more than ``SPARSITY_TOLERANCE`` (a multiple too coarse for the
-    FFN) are an error unless ``allow_inexact``, which only warns. Every option is checked before
-    any work, so a typo fails in a second, not after the calibration pass. ``placement`` says where
-    block weights live (default: in memory; ``cfsp.streaming`` streams them from safetensors);
-    ``offload_activations`` keeps the calibration activations on the CPU between blocks, for a GPU
-    that holds a block but not ``nsamples x seqlen x hidden`` activations twice.
+    ``config`` may also be the sparsity, with the other options as keywords
+    (``prune(model, calib, 0.5, method="flap")``); keywords given beside a config replace its
+    values. Every option is checked when the config is made, so a typo fails in a second, not after
+    the calibration pass. ``stats`` reuses an earlier ``calibrate`` of the same dense model: every
+    method scores dense activations, so one pass can serve several methods and sparsities.
+    ``placement`` says where block weights live (default: in memory; ``cfsp.streaming`` streams
+    them from safetensors). ``calibration`` describes the windows for the plan.
     """
     started = time.perf_counter()
-    opts = resolve_options(
-        sparsity,
-        method=method,
-        block_metric=block_metric,
-        channel_metric=channel_metric,
-        allocation=allocation,
-        temperature=temperature,
-        b=b,
-        c=c,
-        multiple=multiple,
-        rounding=rounding,
-        bias_compensation=bias_compensation,
-        compensation=compensation,
-        refit_damping=refit_damping,
-        reference=reference,
-        sequential=sequential,
-        batch_size=batch_size,
-    )
-    channel_metric, allocation, multiple = opts["channel_metric"], opts["allocation"], opts["multiple"]
-    rounding, compensation = opts["rounding"], opts["compensation"]
+    config = PruneConfig.from_options(config, **options)
+    sparsity, compensation = config.sparsity, config.compensation
     refit = compensation == "refit"
-    if sequential and calib is None:
+    if config.sequential and calib is None:
         raise CfspError("sequential pruning needs calibration windows (pass calib / --calib-source)")
     check_supported(model)
     if placement is None and any(p.is_meta for p in model.parameters()):
@@ -133,31 +90,31 @@ def prune(
             "and cannot be pruned in place; prune the safetensors directory instead, which streams it "
             "block by block: cfsp prune --model DIR"
         )
-    wants_stats = needs_calibration(channel_metric, allocation) or compensation != "none"
+    wants_stats = config.needs_calibration
     if wants_stats and calib is None and stats is None:
-        raise CfspError(f"method {method!r} needs calibration windows (pass calib / --calib-source)")
+        raise CfspError(f"method {config.method!r} needs calibration windows (pass calib / --calib-source)")
     blocks = decoder_blocks(model)
     original = ffn_widths(model)
-    check_achievable(sparsity, original, multiple, rounding, allow_inexact)
+    check_achievable(config, original)
     params_before = count_parameters(model)
     placement = placement or InMemoryBlocks()
-    placement.offload_activations = offload_activations
+    placement.offload_activations = config.offload_activations
     scores: list[torch.Tensor | None] = [None] * len(blocks)
 
     def score(index: int, block_stats: BlockStats | None) -> bool:
         """Channel scores of one block, taken while its weights are on the device."""
-        mlp = block_mlp(blocks[index])
-        scores[index] = _block_scores(mlp, block_stats, channel_metric, b, c, reference)
+        scores[index] = _block_scores(block_mlp(blocks[index]), block_stats, config)
         return False
 
     if wants_stats and stats is None:
         stats = calibrate(
             model,
             calib,
-            batch_size=batch_size,
+            batch_size=config.batch_size,
             after_block=score,
             progress=progress,
-            second_moments=refit and not sequential and not placement.streams,
+            second_moments=refit and not config.sequential and not placement.streams,
+            window_stats=config.needs_window_stats,
             placement=placement,
         )
     else:
@@ -166,54 +123,25 @@ def prune(
             placement.onload(index)
             score(index, stats[index])
             placement.offload(index)
-    importance = block_importance(stats, block_metric) if wants_stats else None
+    importance = block_importance(stats, config.block_metric) if wants_stats else None
 
-    keep, kept = _allocate(
-        allocation, scores, importance, stats, sparsity, temperature, multiple, rounding, reference
-    )
+    keep, kept = _allocate(config, scores, importance, stats)
     kept = [k if k.numel() else s.argmax().view(1) for k, s in zip(kept, scores, strict=True)]
-    check_realised(sparsity, [k.numel() for k in kept], original, multiple, rounding, allow_inexact)
+    check_realised(config, [k.numel() for k in kept], original)
     if refit:
         compensation = refit_or_mean(stats[0].tokens, max(k.numel() for k in kept))
         refit = compensation == "refit"
 
     placement.begin_output()
-    if sequential or (refit and placement.streams):  # streamed: no Gram matrices kept from pass one
-        kept, biases = _second_pass(
-            model,
-            calib,
-            kept,
-            channel_metric,
-            b,
-            c,
-            compensation,
-            refit_damping,
-            batch_size,
-            progress,
-            placement,
-            rechoose=sequential,
-        )
+    if config.sequential or (refit and placement.streams):  # streamed: no Gram matrices from pass one
+        kept, biases = _second_pass(model, calib, kept, config, compensation, progress, placement)
     else:
-        biases = _surgery(model, kept, stats, compensation, refit_damping, placement)
+        biases = _surgery(model, kept, stats, compensation, config.refit_damping, placement)
     widths = [int(k.numel()) for k in kept]
-    options = dict(
-        block_metric=block_metric,
-        channel_metric=channel_metric,
-        allocation=allocation,
-        temperature=temperature,
-        b=b,
-        c=c,
-        multiple=multiple,
-        rounding=rounding,
-        bias_compensation=compensation != "none",
-        compensation=compensation,
-        refit_damping=refit_damping if refit else None,
-        reference=reference,
-        sequential=sequential,
-    )
+    done = replace(config, compensation=compensation)  # the refit may have fallen back to the mean
     return PruneResult(
-        method=method,
-        options=options,
+        method=config.method,
+        options=done.to_dict(),
         target_sparsity=float(sparsity),
         realised_sparsity=1.0 - sum(widths) / sum(original),
         original_widths=original,
@@ -229,111 +157,52 @@ def prune(
     )
 
 
-def resolve_options(
-    sparsity: float,
-    *,
-    method: str = "cfsp",
-    block_metric: str = "angular",
-    channel_metric: str | None = None,
-    allocation: str | None = None,
-    temperature: float = alloc.DEFAULT_TEMPERATURE,
-    b: float = 1.0,
-    c: float = 1.0,
-    multiple: int | None = None,
-    rounding: str = "budget",
-    bias_compensation: bool | None = None,
-    compensation: str | None = None,
-    refit_damping: float = DEFAULT_DAMPING,
-    reference: bool = False,
-    sequential: bool = False,
-    batch_size: int = 8,
-) -> dict:
-    """Fill in the method's defaults and check every option; the CLI calls this before loading a model."""
-    spec = get_method(method)
-    defaults = {"channel_metric": spec.channel_metric, "compensation": spec.compensation}
-    if reference:
-        defaults.update(spec.reference_defaults)
-    numbers = (("sparsity", sparsity), ("temperature", temperature), ("b", b), ("c", c))
-    for name, value in (*numbers, ("refit_damping", refit_damping)):
-        if not isinstance(value, int | float) or not math.isfinite(value):
-            raise CfspError(f"{name} must be a finite number, got {value}")
-    if not 0.0 < float(sparsity) < 1.0:
-        raise CfspError(f"sparsity must be in (0, 1), got {sparsity}; e.g. 0.5 removes half the FFN channels")
-    channel_metric = channel_metric or defaults["channel_metric"]
-    allocation = allocation or spec.allocation
-    multiple = spec.multiple if multiple is None else int(multiple)
-    if block_metric not in BLOCK_METRICS:
-        raise CfspError(f"unknown block metric {block_metric!r}; choose one of {', '.join(BLOCK_METRICS)}")
-    if channel_metric not in CHANNEL_METRICS:
-        raise CfspError(
-            f"unknown channel metric {channel_metric!r}; choose one of {', '.join(CHANNEL_METRICS)}"
-        )
-    if allocation not in ALLOCATIONS:
-        raise CfspError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
-    if multiple < 1:
-        raise CfspError(f"multiple must be >= 1 (1 = no rounding), got {multiple}")
-    if rounding not in alloc.ROUNDINGS:
-        raise CfspError(f"unknown rounding {rounding!r}; choose one of {', '.join(alloc.ROUNDINGS)}")
-    if temperature < 0:
-        raise CfspError(f"temperature must be >= 0, got {temperature}")
-    if batch_size < 1:
-        raise CfspError(f"batch size must be >= 1, got {batch_size}")
-    if compensation is None and bias_compensation is not None:  # the older boolean spelling
-        compensation = "mean" if bias_compensation else "none"
-    compensation = compensation or defaults["compensation"]
-    if compensation not in COMPENSATIONS:
-        raise CfspError(f"unknown compensation {compensation!r}; choose one of {', '.join(COMPENSATIONS)}")
-    if refit_damping < 0:
-        raise CfspError(f"refit damping must be >= 0, got {refit_damping}")
-    if sequential and reference:
-        raise CfspError("--sequential cannot be combined with --reference (the reference has no such mode)")
-    return dict(
-        block_metric=block_metric,
-        channel_metric=channel_metric,
-        allocation=allocation,
-        multiple=multiple,
-        rounding="nearest" if reference else rounding,  # the reference rounds each block on its own
-        compensation=compensation,
-    )
-
-
 SPARSITY_TOLERANCE = 0.02  # realised FFN sparsity may always differ from the request by this much
 
 
 def sparsity_tolerance(full: list[int], multiple: int, rounding: str) -> float:
     """How far rounding alone may move the realised sparsity: at least ``SPARSITY_TOLERANCE``.
 
-    ``nearest`` rounds every block by up to half a multiple, so its errors add up; ``budget`` keeps
-    the total within one multiple. A miss beyond that means the multiple is too coarse for the FFN.
+    ``nearest`` (and the reference's half-up) rounds every block by up to half a multiple, so its
+    errors add up; ``budget`` keeps the total within one multiple. A miss beyond that means the
+    multiple is too coarse for the FFN.
     """
     steps = [min(multiple, d) for d in full]
-    reach = sum(steps) / 2 if rounding == "nearest" else max(steps)
+    reach = max(steps) if rounding == "budget" else sum(steps) / 2
     return max(SPARSITY_TOLERANCE, reach / sum(full))
 
 
-def check_achievable(
-    sparsity: float, full: list[int], multiple: int, rounding: str, allow_inexact: bool
-) -> None:
-    """Before any work: can widths in multiples of ``multiple`` get near ``sparsity`` at all?"""
+def check_achievable(config: PruneConfig, full: list[int]) -> None:
+    """Before any work: can widths in multiples of ``multiple`` get near the sparsity at all?"""
+    multiple, sparsity = config.multiple, config.sparsity
+    if multiple >= max(full):
+        raise CfspError(
+            f"--multiple {multiple} is not below the FFN width of any block ({min(full)}-{max(full)}): no "
+            f"channel could be removed; use a multiple below {max(full)} (1 = no rounding)"
+        )
     highest = 1.0 - sum(min(multiple, d) for d in full) / sum(full)
-    if sparsity > highest + sparsity_tolerance(full, multiple, rounding):
+    if sparsity > highest + sparsity_tolerance(full, multiple, config.rounding):
         _inexact(
             f"FFN sparsity {sparsity} is out of reach with widths in multiples of {multiple} (FFN widths "
             f"{min(full)}-{max(full)}): the achievable range is 0.000-{highest:.3f}",
-            allow_inexact,
+            config.allow_inexact,
         )
 
 
-def check_realised(
-    sparsity: float, widths: list[int], full: list[int], multiple: int, rounding: str, allow_inexact: bool
-) -> None:
+def check_realised(config: PruneConfig, widths: list[int], full: list[int]) -> None:
     """After allocation, before surgery: the widths must meet the request within the tolerance."""
+    multiple, sparsity = config.multiple, config.sparsity
     realised = 1.0 - sum(widths) / sum(full)
-    if abs(realised - sparsity) > sparsity_tolerance(full, multiple, rounding):
+    if sum(widths) >= sum(full):  # a compensation bias would make the "pruned" model larger
+        raise CfspError(
+            f"the widths keep every FFN channel (multiple {multiple}, FFN widths {min(full)}-{max(full)}), "
+            f"so FFN sparsity {sparsity} removes nothing; lower --multiple or raise --sparsity"
+        )
+    if abs(realised - sparsity) > sparsity_tolerance(full, multiple, config.rounding):
         _inexact(
             f"the widths give FFN sparsity {realised:.3f}, not the requested {sparsity} (multiple "
             f"{multiple}, FFN widths {min(full)}-{max(full)})",
-            allow_inexact,
+            config.allow_inexact,
         )
 
 
@@ -344,46 +213,42 @@ def _inexact(problem: str, allow_inexact: bool) -> None:
 
 
 def _allocate(
-    allocation: str,
+    config: PruneConfig,
     scores: list[torch.Tensor],
     importance: list[float] | None,
     stats: list[BlockStats | None],
-    sparsity: float,
-    temperature: float,
-    multiple: int,
-    rounding: str,
-    reference: bool,
 ) -> tuple[list[float], list[torch.Tensor]]:
     """Keep fractions and kept channel indices per block."""
     full = [s.numel() for s in scores]
-    if allocation == "global":
-        if reference:
+    sparsity, multiple, rounding = config.sparsity, config.multiple, config.rounding
+    threshold = config.selection == "threshold"
+    if config.allocation == "global":
+        if threshold:
             kept = alloc.reference_global_kept(scores, sparsity)
         else:
             widths = alloc.global_widths(scores, sparsity, multiple, rounding)
             kept = [alloc.top_channels(s, w) for s, w in zip(scores, widths, strict=True)]
         return [k.numel() / d for k, d in zip(kept, full, strict=True)], kept
 
-    if allocation == "uniform":
+    if config.allocation == "uniform":
         keep = alloc.uniform_keep_fractions(len(scores), sparsity)
-        if reference:
+        if threshold:
             return keep, [alloc.reference_uniform_kept(s, sparsity) for s in scores]
-    elif reference:
+    elif config.importance_scale == "sum":
         sums = [m * s.tokens for m, s in zip(importance, stats, strict=True)]
         keep = alloc.reference_keep_fractions(sums, sparsity)
     else:
-        keep = alloc.cfsp_keep_fractions(importance, sparsity, temperature, full)
+        keep = alloc.cfsp_keep_fractions(importance, sparsity, config.temperature, full)
 
-    if reference:
+    if rounding == "reference":
         widths = alloc.reference_widths(keep, full, multiple)
-        return keep, [alloc.reference_kept_channels(s, w) for s, w in zip(scores, widths, strict=True)]
-    widths = alloc.widths_from_fractions(keep, full, multiple, rounding)
-    return keep, [alloc.top_channels(s, w) for s, w in zip(scores, widths, strict=True)]
+    else:
+        widths = alloc.widths_from_fractions(keep, full, multiple, rounding)
+    choose = alloc.reference_kept_channels if threshold else alloc.top_channels
+    return keep, [choose(s, w) for s, w in zip(scores, widths, strict=True)]
 
 
-def _block_scores(
-    mlp: nn.Module, stats: BlockStats | None, metric: str, b: float, c: float, reference: bool
-) -> torch.Tensor:
+def _block_scores(mlp: nn.Module, stats: BlockStats | None, config: PruneConfig) -> torch.Tensor:
     """Channel scores of one block's MLP from its recorded statistics."""
     gate_up = layouts.input_weights(mlp)  # [gate, up] or [up]
     inputs = ChannelInputs(
@@ -391,11 +256,11 @@ def _block_scores(
         up_weight=gate_up[-1],
         gate_weight=gate_up[0] if len(gate_up) == 2 else None,
         stats=stats,
-        b=b,
-        c=c,
-        reference=reference,
+        b=config.b,
+        c=config.c,
+        window_fluctuation=config.fluctuation == "windows",
     )
-    return channel_scores(metric, inputs).cpu()
+    return channel_scores(config.channel_metric, inputs).cpu()
 
 
 def _surgery(
@@ -429,24 +294,20 @@ def _second_pass(
     model: nn.Module,
     calib: torch.Tensor,
     decided: list[torch.Tensor],
-    metric: str,
-    b: float,
-    c: float,
+    config: PruneConfig,
     compensation: str,
-    damping: float,
-    batch_size: int,
     progress: bool,
     placement: InMemoryBlocks,
-    rechoose: bool,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
     """Prune block by block in a second calibration pass; each block's Gram matrix lives only there.
 
-    ``rechoose`` (the sequential mode): re-choose each block's channels on the activations of the
+    ``config.sequential``: re-choose each block's channels on the activations of the
     already-pruned blocks before it, so later blocks adapt to the error the earlier ones made.
     Widths stay as decided from the dense pass (allocation needs every block's importance first).
-    Without ``rechoose`` the channels stay as decided and the next block sees the *dense* output:
-    the one-pass refit exactly, with one Gram matrix in memory at a time (streamed models).
+    Otherwise the channels stay as decided and the next block sees the *dense* output: the
+    one-pass refit exactly, with one Gram matrix in memory at a time (streamed models).
     """
+    rechoose = config.sequential
     widths = [k.numel() for k in decided]
     compensated = compensation != "none"
     with_bias = compensated or bool(getattr(model.config, "mlp_bias", False))
@@ -456,9 +317,9 @@ def _second_pass(
     def prune_block(index: int, stats: BlockStats) -> bool:
         mlp = block_mlp(decoder_blocks(model)[index])
         if rechoose:
-            scores = _block_scores(mlp, stats, metric, b, c, False)
-            kept[index] = alloc.top_channels(scores, widths[index])
-        fix = compensate(compensation, layouts.down_projection(mlp).weight, kept[index], stats, damping)
+            kept[index] = alloc.top_channels(_block_scores(mlp, stats, config), widths[index])
+        down = layouts.down_projection(mlp).weight
+        fix = compensate(compensation, down, kept[index], stats, config.refit_damping)
         if biases is not None:
             biases.append(fix.bias)
         stats.gram = None  # D x D: free it as soon as the block is done
@@ -468,10 +329,11 @@ def _second_pass(
     calibrate(
         model,
         calib,
-        batch_size=batch_size,
+        batch_size=config.batch_size,
         after_block=prune_block,
         progress=progress,
         second_moments=compensation == "refit",
+        window_stats=config.needs_window_stats,
         placement=placement,
     )
     set_config_widths(model.config, widths, with_bias)

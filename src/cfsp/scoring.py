@@ -49,7 +49,7 @@ class ChannelInputs:
     stats: BlockStats
     b: float = 1.0
     c: float = 1.0
-    reference: bool = False
+    window_fluctuation: bool = False  # FLAP's reference recurrence over windows, not the variance
 
     # The float64 [H, D] views are made on each use, not held: three float64 copies of a wide
     # block's matrices (400 MB at Llama-3.2-1B's shape) would dominate a streamed run's memory.
@@ -90,7 +90,7 @@ class ChannelInputs:
     @property
     def fluctuation(self) -> torch.Tensor:
         """Per-channel input fluctuation for FLAP: plain variance, or the reference recurrence."""
-        if self.reference:
+        if self.window_fluctuation:
             return reference_fluctuation(self.stats)
         mean = self.mean
         return (self.stats.sum_sq / self.stats.tokens - mean.pow(2)).clamp_min(0.0)

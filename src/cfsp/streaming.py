@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from cfsp.calibration import InMemoryBlocks
+from cfsp.config import PruneConfig
 from cfsp.errors import CfspError
 from cfsp.models import decoder_blocks, load_tokenizer, loading_errors, resolve_device, resolve_dtype
 from cfsp.outdir import StagedOutput
@@ -268,7 +269,7 @@ def empty_model(
 def prune_directory(
     source: str | os.PathLike,
     calib: torch.Tensor | None,
-    sparsity: float,
+    config: PruneConfig | float,
     out_dir: str | os.PathLike,
     *,
     device: str | torch.device = "auto",
@@ -280,14 +281,14 @@ def prune_directory(
     """Prune a Hugging Face safetensors directory block by block and write the pruned directory.
 
     Gives the same kept channels, widths and weights as ``load_model`` + ``prune`` +
-    ``save_pruned``, with only one block's weights in memory at a time. ``options`` are
-    ``prune``'s. With the refit compensation a second pass over the blocks collects each block's
+    ``save_pruned``, with only one block's weights in memory at a time. ``config`` and ``options``
+    are ``prune``'s (a ``PruneConfig``, or the sparsity and keywords). With the refit compensation a second pass over the blocks collects each block's
     Gram matrix just before it is refit, instead of holding them all until allocation.
     """
     folder = Path(source).expanduser()
     check_streamable(folder)
     with StagedOutput(out_dir, overwrite, [folder, *protect]) as staging:
-        return stream_into(folder, calib, sparsity, staging, device=device, dtype=dtype, **options)
+        return stream_into(folder, calib, config, staging, device=device, dtype=dtype, **options)
 
 
 def check_streamable(folder: Path) -> None:
@@ -309,7 +310,7 @@ def is_streamable(path: str | os.PathLike) -> bool:
 def stream_into(
     folder: Path,
     calib: torch.Tensor | None,
-    sparsity: float,
+    config: PruneConfig | float,
     staging: Path,
     *,
     device: str | torch.device = "auto",
@@ -327,7 +328,7 @@ def stream_into(
     block_prefix = placement.prefix + "."
     rest = [key for key in weights.keys() if not key.startswith(block_prefix)]
     placement.writer = ShardWriter(staging, len(decoder_blocks(model)) + len(rest))
-    result = prune(model, calib, sparsity, placement=placement, **options)
+    result = prune(model, calib, config, placement=placement, **options)
     for key in rest:  # one shard each: at most one of the large ones (embeddings, LM head) in memory
         placement.writer.write("", {key: _as(weights.get(key), compute_dtype)})
     placement.writer.finish()

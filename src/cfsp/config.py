@@ -1,0 +1,157 @@
+"""``PruneConfig``: every pruning option, its default, its help text and its check, in one place.
+
+``prune`` takes one; the plan records its dict; the command line builds its flags' help and its
+validation from it. Options left as None are filled when the config is made: first from the
+method's table entry (``cfsp.methods``), then from the preset. The ``reference`` preset is the
+reference implementation's numerics, as values of the options below, not a flag that every step
+checks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from cfsp import allocation as alloc
+from cfsp.compensation import COMPENSATIONS, DEFAULT_DAMPING
+from cfsp.errors import CfspError
+from cfsp.methods import ALLOCATIONS, get_method
+from cfsp.scoring import BLOCK_METRICS, CHANNEL_METRICS, NEEDS_ACTIVATIONS
+
+PRESETS = ("default", "reference")
+SELECTIONS = ("topk", "threshold")
+IMPORTANCE_SCALES = ("mean", "sum")
+FLUCTUATIONS = ("variance", "windows")
+# What the reference implementation does where cfsp's defaults differ (README: "Where cfsp
+# deliberately differs"); applied to every option the caller left unset.
+REFERENCE_PRESET = dict(rounding="reference", selection="threshold", importance_scale="sum", fluctuation="windows")
+DEFAULT_PRESET = dict(rounding="budget", selection="topk", importance_scale="mean", fluctuation="variance")
+
+
+def _option(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class PruneConfig:
+    """How to prune: validated and completed on creation, so a bad value fails before any work."""
+
+    sparsity: float = _option(0.5, "Fraction of FFN channels to remove, in (0, 1).")
+    method: str = _option("cfsp", "cfsp, wanda-sp, flap or magnitude-sp.")
+    preset: str = _option("default", "default, or reference: the reference implementation's numerics.")
+    block_metric: str = _option("angular", "Block importance: angular, cosine, mse, mae or uniform.")
+    channel_metric: str | None = _option(None, "Channel score (default: the method's).")
+    allocation: str | None = _option(None, "Widths per block: cfsp, uniform or global (default: the method's).")
+    temperature: float = _option(alloc.DEFAULT_TEMPERATURE, "CFSP allocation temperature.")
+    b: float = _option(1.0, "Activation exponent inside the weight term.")
+    c: float = _option(1.0, "Activation exponent of the channel score.")
+    multiple: int | None = _option(None, "Round widths to this multiple (1 = off; default: the method's).")
+    rounding: str | None = _option(
+        None, "budget: hit the target sparsity overall; nearest: round each block alone; reference: half-up."
+    )
+    selection: str | None = _option(None, "topk: exactly the width; threshold: the reference's score cut.")
+    importance_scale: str | None = _option(
+        None, "mean: per-token importance (temperature as given); sum: the reference's summed importance."
+    )
+    fluctuation: str | None = _option(None, "FLAP's statistic: variance, or the reference's per-window recurrence.")
+    compensation: str | None = _option(
+        None, "none, mean (pruned channels' mean output in the bias) or refit (least squares)."
+    )
+    refit_damping: float = _option(DEFAULT_DAMPING, "Ridge damping of the refit, relative to the mean variance.")
+    sequential: bool = _option(False, "Score each block on the already-pruned blocks' outputs.")
+    allow_inexact: bool = _option(False, "Warn instead of failing when the widths miss the sparsity.")
+    batch_size: int = _option(8, "Windows per forward batch during calibration.")
+    offload_activations: bool = _option(False, "Keep calibration activations on the CPU between blocks.")
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise CfspError(f"unknown preset {self.preset!r}; choose one of {', '.join(PRESETS)}")
+        spec = get_method(self.method)
+        reference = self.preset == "reference"
+        method_defaults = dict(
+            channel_metric=spec.channel_metric,
+            allocation=spec.allocation,
+            multiple=spec.multiple,
+            compensation=spec.compensation,
+        )
+        if reference:
+            method_defaults.update(spec.reference_defaults)
+        for name, value in {**method_defaults, **(REFERENCE_PRESET if reference else DEFAULT_PRESET)}.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        self._check()
+
+    def _check(self) -> None:
+        for name in ("sparsity", "temperature", "b", "c", "refit_damping"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise CfspError(f"{name} must be a finite number, got {value}")
+        if not 0.0 < float(self.sparsity) < 1.0:
+            raise CfspError(
+                f"sparsity must be in (0, 1), got {self.sparsity}; e.g. 0.5 removes half the FFN channels"
+            )
+        choices = (
+            ("block metric", self.block_metric, BLOCK_METRICS),
+            ("channel metric", self.channel_metric, CHANNEL_METRICS),
+            ("allocation", self.allocation, ALLOCATIONS),
+            ("rounding", self.rounding, alloc.ROUNDINGS),
+            ("selection", self.selection, SELECTIONS),
+            ("importance scale", self.importance_scale, IMPORTANCE_SCALES),
+            ("fluctuation", self.fluctuation, FLUCTUATIONS),
+            ("compensation", self.compensation, COMPENSATIONS),
+        )
+        for what, value, allowed in choices:
+            if value not in allowed:
+                raise CfspError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
+        self.multiple = int(self.multiple)
+        if self.multiple < 1:
+            raise CfspError(f"multiple must be >= 1 (1 = no rounding), got {self.multiple}")
+        if self.temperature < 0:
+            raise CfspError(f"temperature must be >= 0, got {self.temperature}")
+        if self.batch_size < 1:
+            raise CfspError(f"batch size must be >= 1, got {self.batch_size}")
+        if self.refit_damping < 0:
+            raise CfspError(f"refit damping must be >= 0, got {self.refit_damping}")
+        if self.sequential and self.preset == "reference":
+            raise CfspError("--sequential cannot be combined with --reference (the reference has no such mode)")
+
+    @classmethod
+    def from_options(cls, base: float | PruneConfig | None = None, **options) -> PruneConfig:
+        """A config from ``prune``'s keywords (``reference=True`` is the reference preset); ``base``
+        is the sparsity, or an existing config whose options the keywords replace."""
+        if "bias_compensation" in options:
+            raise CfspError(
+                "bias_compensation is gone; use compensation='mean' (True) or compensation='none' (False)"
+            )
+        if "reference" in options:
+            options["preset"] = "reference" if options.pop("reference") else options.get("preset", "default")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise CfspError(f"unknown pruning option(s) {', '.join(unknown)}; the options are {', '.join(known)}")
+        if isinstance(base, PruneConfig):
+            return replace(base, **options) if options else base
+        if base is not None:
+            options["sparsity"] = base
+        return cls(**options)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Activation-based scores, importance-based allocation and every compensation read the
+        calibration pass; Magnitude-SP without compensation needs none."""
+        return (
+            self.channel_metric in NEEDS_ACTIVATIONS or self.allocation == "cfsp" or self.compensation != "none"
+        )
+
+    @property
+    def needs_window_stats(self) -> bool:
+        """Only the reference's FLAP fluctuation reads per-window sums; nothing else keeps them."""
+        return self.channel_metric == "flap" and self.fluctuation == "windows"
+
+
+def option_help(name: str) -> str:
+    """The help text of one option, for the command line."""
+    return next(f.metadata["help"] for f in fields(PruneConfig) if f.name == name)
