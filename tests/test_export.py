@@ -136,6 +136,7 @@ def test_a_dense_model_exports_with_one_width(tmp_path):
 # --------------------------------------------------------------------------- through llama.cpp
 
 
+@pytest.mark.llamacpp
 @pytest.mark.parametrize("family", EXPORTABLE)
 @pytest.mark.parametrize("method, compensation", [("flap", "refit"), ("cfsp", "mean")])
 def test_llama_cpp_logits_match_transformers(family, method, compensation, tmp_path):
@@ -150,6 +151,7 @@ def test_llama_cpp_logits_match_transformers(family, method, compensation, tmp_p
         assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.98
 
 
+@pytest.mark.llamacpp
 def test_llama_cpp_perplexity_matches_transformers(tmp_path):
     model, _ = pruned_directory("qwen2", tmp_path / "pruned")
     export_gguf(tmp_path / "pruned", tmp_path / "m.gguf", "f32", progress=False)
@@ -160,6 +162,7 @@ def test_llama_cpp_perplexity_matches_transformers(tmp_path):
     assert perplexity(tmp_path / "m.gguf", ids) == pytest.approx(float(torch.exp(nll)), rel=1e-4)
 
 
+@pytest.mark.llamacpp
 def test_bench_cli_times_two_gguf_files(tmp_path):
     from typer.testing import CliRunner
 
