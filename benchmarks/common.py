@@ -10,9 +10,10 @@ from pathlib import Path
 import torch
 
 import cfsp
-from cfsp.bench import forward_pass_seconds, pruning_cost
+from cfsp.bench import forward_pass_seconds
 from cfsp.calibration import calibrate
 from cfsp.evaluation import perplexity
+from cfsp.memory import pruning_cost
 from cfsp.outdir import dumps, write_text_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -42,7 +42,9 @@ def main() -> None:
     for name, ok in zip(names, same, strict=True):
         rows[name]["stock_load"] = ok
         rows[name].pop("stock_error", None)
-        rows[name]["config"] = "published config.json" if (CONFIG_DIR / f"{name}.json").is_file() else "class defaults"
+        rows[name]["config"] = (
+            "published config.json" if (CONFIG_DIR / f"{name}.json").is_file() else "class defaults"
+        )
     write_text_atomic(RESULTS / "families.json", dumps(rows, indent=1))
     lines = [
         "| family (config) | model_type | MLP | prune in memory | streamed = in memory | reload | stock load "
@@ -54,7 +56,9 @@ def main() -> None:
         gguf = "✔" if row["model_type"] in EXPORTABLE else "—"
         source = name if row["config"] == "published config.json" else f"{name} (class defaults)"
         lines.append(
-            f"| {source} | {row['model_type']} | {row['mlp']} | " + " | ".join(MARK[c] for c in checks) + f" | {gguf} |"
+            f"| {source} | {row['model_type']} | {row['mlp']} | "
+            + " | ".join(MARK[c] for c in checks)
+            + f" | {gguf} |"
         )
     write_text_atomic(RESULTS / "families.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

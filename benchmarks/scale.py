@@ -54,7 +54,7 @@ else:
     result = cfsp.prune(model, calib, 0.5, progress=False)
     cfsp.save_pruned(model, tokenizer, result, out)
     seconds = time.perf_counter() - start
-from cfsp.bench import peak_rss_bytes
+from cfsp.memory import peak_rss_bytes
 print(json.dumps({"mode": mode, "seconds": seconds, "peak_rss_bytes": peak_rss_bytes()}))
 """
 

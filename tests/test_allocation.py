@@ -100,7 +100,7 @@ def test_keep_fractions_meet_the_sparsity_over_unequal_widths():
     importance = [0.1, 0.3, 0.2, 0.4]
     widths = [256, 256, 512, 512]
     keep = alloc.cfsp_keep_fractions(importance, 0.5, 13.1, widths)
-    assert sum(k * w for k, w in zip(keep, widths)) == pytest.approx(0.5 * sum(widths))
+    assert sum(k * w for k, w in zip(keep, widths, strict=True)) == pytest.approx(0.5 * sum(widths))
     assert alloc.cfsp_keep_fractions(importance, 0.5, 13.1, [256] * 4) == alloc.cfsp_keep_fractions(
         importance, 0.5, 13.1
     )

@@ -16,11 +16,11 @@ from cfsp.bench import (
     format_bench_table,
     forward_pass_seconds,
     greedy_decode,
-    pruning_cost,
     size_on_disk,
     speed_benchmark,
 )
 from cfsp.errors import CfspError
+from cfsp.memory import pruning_cost
 
 
 def _narrow_llama(intermediate_size: int = 128) -> torch.nn.Module:

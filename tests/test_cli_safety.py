@@ -118,7 +118,10 @@ def _bad_inputs(inputs: Path) -> dict[str, tuple[list[str], str]]:
         "non-empty out": ([*prune, "--out", "mine"], "not empty"),
         "out under a file": ([*prune, "--out", "mine/notes.txt/x"], "is a file"),
         "out is a file": ([*prune, "--out", "mine/notes.txt", "--overwrite"], "existing file"),
-        "multiple wider than the FFN": ([*prune, "--out", "o", "--multiple", "512"], "not below the FFN width"),
+        "multiple wider than the FFN": (
+            [*prune, "--out", "o", "--multiple", "512"],
+            "not below the FFN width",
+        ),
         "sparsity beyond a narrow FFN": (
             [*prune, "--out", "o", "--multiple", "128", "--sparsity", "0.9"],
             "achievable range is 0.000-0.500",

@@ -59,7 +59,9 @@ def check_family(name: str, root: Path, calib: torch.Tensor) -> dict:
         logits = model(x).logits
     found["pruned"] = result.params_after < result.params_before and bool(torch.isfinite(logits).all())
     cfsp.save_pruned(model, tokenizer, result, root / "in-memory")
-    streamed = prune_directory(source, calib, 0.5, root / "streamed", device="cpu", multiple=32, progress=False)
+    streamed = prune_directory(
+        source, calib, 0.5, root / "streamed", device="cpu", multiple=32, progress=False
+    )
     same_channels = [k.tolist() for k in streamed.kept_channels] == [k.tolist() for k in result.kept_channels]
     same_logits = []
     for folder in ("in-memory", "streamed"):

@@ -6,8 +6,9 @@ from cfsp.data import calibration_windows
 from cfsp.errors import CfspError
 from cfsp.evaluation import evaluate
 from cfsp.export import export_gguf
-from cfsp.io import apply_plan, load_pruned, read_plan, save_pruned
-from cfsp.models import load_model
+from cfsp.io import apply_plan, save_pruned
+from cfsp.models import load_model, load_pruned
+from cfsp.plan import read_plan
 from cfsp.pruning import PruneResult, prune
 from cfsp.recovery import RecoveryConfig, recover
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from cfsp import layouts
 from cfsp.errors import CfspError
+from cfsp.memory import peak_memory_text
 from cfsp.models import block_mlp, decoder_blocks, statistics_device
 
 
@@ -182,15 +183,6 @@ class InMemoryBlocks:
         """Block 0's inputs are captured; what ran before the blocks can go."""
 
 
-def _peak_memory_text() -> str:
-    """Peak memory so far, for the progress bar: the GPU's when one is in use, else the process's."""
-    from cfsp.bench import peak_rss_bytes
-
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
-        return f"{torch.cuda.max_memory_allocated() / 2**30:.1f}G gpu"
-    return f"{peak_rss_bytes() / 2**30:.1f}G rss"
-
-
 def run_block(block: nn.Module, hidden: torch.Tensor, call: tuple[tuple, dict]) -> torch.Tensor:
     args, kwargs = call
     out = block(hidden, *args, **kwargs)
@@ -247,7 +239,7 @@ def calibrate(
             all_stats.append(stats)
             inputs = outputs
             rate = windows.numel() * (index + 1) / (time.perf_counter() - started)
-            bar.set_postfix_str(f"{rate:,.0f} tok/s, peak {_peak_memory_text()}", refresh=False)
+            bar.set_postfix_str(f"{rate:,.0f} tok/s, peak {peak_memory_text()}", refresh=False)
             bar.update(1)
     bar.close()
     return all_stats

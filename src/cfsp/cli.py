@@ -165,10 +165,10 @@ def prune(
 ) -> None:
     """Prune a model's FFN channels and save a smaller dense model."""
     import cfsp
-    from cfsp.bench import pruning_cost
     from cfsp.config import PruneConfig
     from cfsp.data import check_windows, describe_windows, text_source_path
     from cfsp.io import write_pruned
+    from cfsp.memory import pruning_cost
     from cfsp.models import load_tokenizer, resolve_device, resolve_dtype
     from cfsp.outdir import StagedOutput
     from cfsp.streaming import check_streamable, is_streamable, stream_into
@@ -216,7 +216,14 @@ def prune(
             calibration = describe_windows(calib_source, nsamples, seqlen, seed)
         if streamed:
             result, cost = pruning_cost(
-                stream_into, Path(model), calib, config, folder, device=device, dtype=dtype, calibration=calibration
+                stream_into,
+                Path(model),
+                calib,
+                config,
+                folder,
+                device=device,
+                dtype=dtype,
+                calibration=calibration,
             )
         else:
             result, cost = pruning_cost(cfsp.prune, net, calib, config, calibration=calibration)

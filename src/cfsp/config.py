@@ -24,7 +24,9 @@ IMPORTANCE_SCALES = ("mean", "sum")
 FLUCTUATIONS = ("variance", "windows")
 # What the reference implementation does where cfsp's defaults differ (README: "Where cfsp
 # deliberately differs"); applied to every option the caller left unset.
-REFERENCE_PRESET = dict(rounding="reference", selection="threshold", importance_scale="sum", fluctuation="windows")
+REFERENCE_PRESET = dict(
+    rounding="reference", selection="threshold", importance_scale="sum", fluctuation="windows"
+)
 DEFAULT_PRESET = dict(rounding="budget", selection="topk", importance_scale="mean", fluctuation="variance")
 
 
@@ -41,7 +43,9 @@ class PruneConfig:
     preset: str = _option("default", "default, or reference: the reference implementation's numerics.")
     block_metric: str = _option("angular", "Block importance: angular, cosine, mse, mae or uniform.")
     channel_metric: str | None = _option(None, "Channel score (default: the method's).")
-    allocation: str | None = _option(None, "Widths per block: cfsp, uniform or global (default: the method's).")
+    allocation: str | None = _option(
+        None, "Widths per block: cfsp, uniform or global (default: the method's)."
+    )
     temperature: float = _option(alloc.DEFAULT_TEMPERATURE, "CFSP allocation temperature.")
     b: float = _option(1.0, "Activation exponent inside the weight term.")
     c: float = _option(1.0, "Activation exponent of the channel score.")
@@ -53,11 +57,15 @@ class PruneConfig:
     importance_scale: str | None = _option(
         None, "mean: per-token importance (temperature as given); sum: the reference's summed importance."
     )
-    fluctuation: str | None = _option(None, "FLAP's statistic: variance, or the reference's per-window recurrence.")
+    fluctuation: str | None = _option(
+        None, "FLAP's statistic: variance, or the reference's per-window recurrence."
+    )
     compensation: str | None = _option(
         None, "none, mean (pruned channels' mean output in the bias) or refit (least squares)."
     )
-    refit_damping: float = _option(DEFAULT_DAMPING, "Ridge damping of the refit, relative to the mean variance.")
+    refit_damping: float = _option(
+        DEFAULT_DAMPING, "Ridge damping of the refit, relative to the mean variance."
+    )
     sequential: bool = _option(False, "Score each block on the already-pruned blocks' outputs.")
     allow_inexact: bool = _option(False, "Warn instead of failing when the widths miss the sparsity.")
     batch_size: int = _option(8, "Windows per forward batch during calibration.")
@@ -113,7 +121,9 @@ class PruneConfig:
         if self.refit_damping < 0:
             raise CfspError(f"refit damping must be >= 0, got {self.refit_damping}")
         if self.sequential and self.preset == "reference":
-            raise CfspError("--sequential cannot be combined with --reference (the reference has no such mode)")
+            raise CfspError(
+                "--sequential cannot be combined with --reference (the reference has no such mode)"
+            )
 
     @classmethod
     def from_options(cls, base: float | PruneConfig | None = None, **options) -> PruneConfig:
@@ -128,7 +138,9 @@ class PruneConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise CfspError(f"unknown pruning option(s) {', '.join(unknown)}; the options are {', '.join(known)}")
+            raise CfspError(
+                f"unknown pruning option(s) {', '.join(unknown)}; the options are {', '.join(known)}"
+            )
         if isinstance(base, PruneConfig):
             return replace(base, **options) if options else base
         if base is not None:
@@ -143,7 +155,9 @@ class PruneConfig:
         """Activation-based scores, importance-based allocation and every compensation read the
         calibration pass; Magnitude-SP without compensation needs none."""
         return (
-            self.channel_metric in NEEDS_ACTIVATIONS or self.allocation == "cfsp" or self.compensation != "none"
+            self.channel_metric in NEEDS_ACTIVATIONS
+            or self.allocation == "cfsp"
+            or self.compensation != "none"
         )
 
     @property

@@ -79,7 +79,7 @@ def gguf_module():
 
 
 class StateDictWeights:
-    """An in-memory model's tensors behind the interface of ``streaming.SafetensorsWeights``."""
+    """An in-memory model's tensors behind the interface of ``weights.SafetensorsWeights``."""
 
     def __init__(self, state: dict[str, torch.Tensor]) -> None:
         self.state = state
@@ -130,7 +130,7 @@ def open_source(model: str | os.PathLike, tokenizer_from: str | os.PathLike | No
         raise CfspError(
             f"model {name!r} is not a named default ({known}), a .gguf file or a model directory with config.json"
         )
-    from cfsp.streaming import SafetensorsWeights
+    from cfsp.weights import SafetensorsWeights
 
     config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     if gguf_tokenizer is None:

@@ -1,4 +1,4 @@
-"""Saving and loading pruned models.
+"""Saving pruned models and replaying their plans (loading them is ``models.load_pruned``).
 
 A pruned directory is an ordinary ``save_pretrained`` directory (safetensors + tokenizer) whose
 ``config.json`` records the per-block widths (``per_layer_config``) and names a small modeling file
@@ -10,7 +10,6 @@ trust_remote_code=True)`` without cfsp, and ``apply_plan`` on the original model
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable
 from importlib import metadata
@@ -22,14 +21,10 @@ from torch import nn
 from cfsp import layouts, pruned_modeling
 from cfsp.errors import CfspError
 from cfsp.models import (
-    check_supported,
     ffn_widths,
-    load_tokenizer,
-    loading_errors,
-    resolve_device,
-    resolve_dtype,
 )
 from cfsp.outdir import PLAN_FILE, StagedOutput, dumps
+from cfsp.plan import check_plan, read_plan
 from cfsp.pruning import PruneResult
 from cfsp.surgery import apply_pruning
 
@@ -106,86 +101,6 @@ def write_pruned_metadata(model: nn.Module, tokenizer, result: PruneResult | dic
     config.pop("quantization_config", None)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     (folder / PLAN_FILE).write_text(dumps(plan, indent=1), encoding="utf-8")
-
-
-def read_plan(path: str | os.PathLike) -> dict:
-    """The ``pruning_plan.json`` of a pruned directory, checked for the fields loading needs."""
-    plan_path = Path(path).expanduser() / PLAN_FILE
-    if not plan_path.is_file():
-        raise CfspError(f"{path} is not a cfsp pruned directory (no {PLAN_FILE})")
-    try:
-        plan = json.loads(plan_path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CfspError(f"{plan_path} is not valid JSON ({exc}); restore it from the original run") from None
-    check_plan(plan, plan_path)
-    return plan
-
-
-def check_plan(plan, where: str | os.PathLike = PLAN_FILE) -> None:
-    """One line naming the first problem of an invalid or incomplete plan."""
-
-    def bad(problem: str) -> CfspError:
-        return CfspError(f"{where}: {problem}; restore the file from the run that wrote it")
-
-    if not isinstance(plan, dict):
-        raise bad("expected a JSON object")
-    for key, kind in (("architecture", str), ("method", str), ("widths", list), ("kept_channels", list)):
-        if not isinstance(plan.get(key), kind):
-            raise bad(f"missing or invalid {key!r}")
-    widths, kept = plan["widths"], plan["kept_channels"]
-    original = plan.get("original_widths", widths)
-    if not isinstance(original, list) or not len(widths) == len(kept) == len(original):
-        raise bad("widths, original_widths and kept_channels must have one entry per block")
-    for block, (width, full, channels) in enumerate(zip(widths, original, kept, strict=True)):
-        if not (_is_int(width) and _is_int(full) and 0 < width <= full):
-            raise bad(f"block {block}: width {width!r} is not an integer in [1, {full!r}]")
-        if not isinstance(channels, list) or len(channels) != width or not all(map(_is_int, channels)):
-            raise bad(f"block {block}: kept_channels must be {width} channel indices")
-        if channels != sorted(set(channels)) or channels[0] < 0 or channels[-1] >= full:
-            raise bad(f"block {block}: kept_channels must be distinct, ascending and below {full}")
-    biases = plan.get("down_biases")
-    if biases is not None:
-        if not isinstance(biases, list) or len(biases) != len(widths):
-            raise bad("down_biases must have one entry per block")
-        for block, bias in enumerate(biases):
-            if not isinstance(bias, list) or not all(_is_finite_number(v) for v in bias):
-                raise bad(f"block {block}: down_biases must be finite numbers")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_finite_number(value) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def load_pruned(
-    path: str | os.PathLike, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto"
-):
-    """Load ``(model, tokenizer)`` from a pruned directory as the original model class, narrowed.
-
-    The tokenizer is None when the directory holds none (``save_pruned(model, None, ...)``).
-    ``device`` and ``dtype`` as in ``load_model``.
-    """
-    import transformers
-
-    device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
-    plan = read_plan(path)
-    base = getattr(transformers, plan["architecture"], None)
-    if base is None:
-        raise CfspError(
-            f"model class {plan['architecture']} is not available in transformers {transformers.__version__}"
-        )
-    with loading_errors(path):
-        model = pruned_modeling.pruned_class(base).from_pretrained(path, dtype=dtype)
-    check_supported(model)
-    if ffn_widths(model) != plan["widths"]:
-        raise CfspError(
-            f"{path}: config.json and {PLAN_FILE} disagree on the FFN widths; restore both from one run"
-        )
-    return model.to(device).eval(), load_tokenizer(path)
 
 
 def apply_plan(model: nn.Module, plan: dict | str | os.PathLike) -> nn.Module:

@@ -146,7 +146,9 @@ def layer_widths(config) -> list[int]:
     """FFN width of every block as the config states it (``per_layer_config`` or the global width)."""
     overrides = per_layer_overrides(config)
     default = global_width(config)
-    return [int(overrides.get(i, {}).get("intermediate_size", default)) for i in range(config.num_hidden_layers)]
+    return [
+        int(overrides.get(i, {}).get("intermediate_size", default)) for i in range(config.num_hidden_layers)
+    ]
 
 
 def _set_overrides(config, overrides: dict[int, dict]) -> None:

@@ -16,8 +16,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cfsp import layouts
+from cfsp import layouts, pruned_modeling
 from cfsp.errors import CfspError
+from cfsp.outdir import PLAN_FILE
+from cfsp.plan import read_plan
 
 # Named defaults: models that ship inside PyPI packages, so nothing is fetched from a hub.
 NAMED_MODELS = {
@@ -119,8 +121,6 @@ def load_model(
         known = ", ".join(NAMED_MODELS)
         raise CfspError(f"model {name!r} is not a named default ({known}), a model directory or a .gguf file")
     elif (path / "pruning_plan.json").is_file():
-        from cfsp.io import load_pruned
-
         return load_pruned(path, dtype=torch_dtype, device=device)
     else:
         _check_model_dir(path)
@@ -139,6 +139,34 @@ def load_model(
         model.config.name_or_path = name if name in NAMED_MODELS else str((path / gguf_file).resolve())
     check_supported(model)
     return model.to(device).eval(), tokenizer
+
+
+def load_pruned(
+    path: str | os.PathLike, dtype: str | torch.dtype = "auto", device: str | torch.device = "auto"
+):
+    """Load ``(model, tokenizer)`` from a pruned directory as the original model class, narrowed.
+
+    The tokenizer is None when the directory holds none (``save_pruned(model, None, ...)``).
+    ``device`` and ``dtype`` as in ``load_model``.
+    """
+    import transformers
+
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    plan = read_plan(path)
+    base = getattr(transformers, plan["architecture"], None)
+    if base is None:
+        raise CfspError(
+            f"model class {plan['architecture']} is not available in transformers {transformers.__version__}"
+        )
+    with loading_errors(path):
+        model = pruned_modeling.pruned_class(base).from_pretrained(path, dtype=dtype)
+    check_supported(model)
+    if ffn_widths(model) != plan["widths"]:
+        raise CfspError(
+            f"{path}: config.json and {PLAN_FILE} disagree on the FFN widths; restore both from one run"
+        )
+    return model.to(device).eval(), load_tokenizer(path)
 
 
 def _check_model_dir(path: Path) -> None:
