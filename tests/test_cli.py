@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 import cfsp
 from cfsp.cli import app
 
+pytestmark = pytest.mark.cli
 runner = CliRunner()
 
 

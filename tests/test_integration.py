@@ -152,3 +152,22 @@ def test_pruned_smollm2_runs_in_llama_cpp_like_in_transformers(smollm2, tmp_path
     total, count = window_nll(model, windows)
     ours = llama_cpp_perplexity(tmp_path / "pruned.gguf", windows)
     assert ours == pytest.approx(float(torch.exp(torch.tensor(total / count))), rel=0.01)
+
+
+def test_command_line_prunes_the_named_default_in_memory(tmp_path):
+    """``cfsp prune --model smollm2``: a named default (a GGUF) loads whole, is pruned in memory
+    and saved; the plan names the package model as its source."""
+    from typer.testing import CliRunner
+
+    from cfsp.cli import app
+
+    out = tmp_path / "smollm2-50"
+    args = ["prune", "--model", "smollm2", "--nsamples", "8", "--seqlen", "128", "--out", str(out)]
+    done = CliRunner().invoke(app, [*args, "--device", "cpu"])
+    assert done.exit_code == 0, done.output
+    assert "loading" in done.output and "streaming" not in done.output
+    plan = cfsp.read_plan(out)
+    assert plan["source_model"] == "smollm2" and plan["options"]["compensation"] == "mean"  # too few tokens
+    assert abs(plan["realised_sparsity"] - 0.5) < 0.02
+    model, _ = cfsp.load_pruned(out, device="cpu")
+    assert cfsp.models.ffn_widths(model) == plan["widths"]

@@ -54,6 +54,7 @@ def test_reload_and_apply_plan_give_identical_logits(family, calib, tokenizer, t
         assert torch.equal(replayed(x).logits, expected)
 
 
+@pytest.mark.cli  # a fresh interpreter in a subprocess
 def test_directories_load_without_cfsp_through_trust_remote_code(calib, tokenizer, tmp_path):
     x = calib[:2, :20]
     expected = {}
