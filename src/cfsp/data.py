@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -103,6 +103,13 @@ def text_rows(source: str | os.PathLike, root: str | os.PathLike | None = None) 
     return path.read_text(encoding="utf-8").splitlines()
 
 
+def token_ids(tokenizer, rows: Iterable[str], separator: str) -> torch.LongTensor:
+    """Rows of running text joined with ``separator`` and tokenized once, with the tokenizer's
+    default special tokens: the one tokenization behind calibration (rows joined with a space, as
+    the reference does), perplexity and packed recovery text (blank lines, the WikiText protocol)."""
+    return tokenizer(separator.join(rows), return_tensors="pt").input_ids[0]
+
+
 def calibration_windows(
     tokenizer,
     source: str | os.PathLike = "wikitext2",
@@ -119,8 +126,7 @@ def calibration_windows(
     check_windows(n, length)
     if tokenizer is None:
         raise CfspError("calibration needs the model's tokenizer, and this model has none")
-    text = " ".join(text_rows(source, data_dir))
-    ids = tokenizer(text, return_tensors="pt").input_ids[0]  # as the reference: default special tokens
+    ids = token_ids(tokenizer, text_rows(source, data_dir), " ")
     total = ids.numel()
     if total <= length + 1:
         raise CfspError(

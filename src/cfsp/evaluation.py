@@ -24,7 +24,7 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 from cfsp.data import data_dir as resolve_data_dir
-from cfsp.data import data_file, read_jsonl
+from cfsp.data import data_file, read_jsonl, token_ids
 from cfsp.errors import CfspError
 
 WIKITEXT_FILE = "wikitext2/test.jsonl"
@@ -134,7 +134,7 @@ def perplexity_of_ids(
 def wikitext_ids(tokenizer, data_dir: str | os.PathLike | None = None) -> torch.Tensor:
     """The WikiText-2 test split as one token sequence: rows joined with "\\n\\n", tokenized once."""
     rows = read_jsonl(data_file(WIKITEXT_FILE, data_dir))
-    return tokenizer("\n\n".join(str(row.get("text", "")) for row in rows), return_tensors="pt").input_ids[0]
+    return token_ids(tokenizer, (str(row.get("text", "")) for row in rows), "\n\n")
 
 
 def perplexity(

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from cfsp import layouts, pruned_modeling
+from cfsp.compensation import Compensation
 from cfsp.errors import CfspError
 from cfsp.models import (
     ffn_widths,
@@ -120,7 +121,9 @@ def apply_plan(model: nn.Module, plan: dict | str | os.PathLike) -> nn.Module:
         )
     kept = [torch.tensor(k, dtype=torch.long) for k in plan["kept_channels"]]
     biases = plan.get("down_biases")
-    if biases is not None:
-        biases = [torch.tensor(b, dtype=torch.float64) for b in biases]
-    apply_pruning(model, kept, biases)
+
+    def plan_bias(index: int, _mlp: nn.Module) -> Compensation:
+        return Compensation(bias=torch.tensor(biases[index], dtype=torch.float64) if biases else None)
+
+    apply_pruning(model, kept, plan_bias, compensated=biases is not None)
     return model

@@ -12,7 +12,7 @@ from torch import nn
 from cfsp import allocation as alloc
 from cfsp import layouts
 from cfsp.calibration import BlockStats, InMemoryBlocks, calibrate
-from cfsp.compensation import compensate, refit_or_mean
+from cfsp.compensation import Compensation, compensate, refit_or_mean
 from cfsp.config import PruneConfig
 from cfsp.errors import CfspError
 from cfsp.models import (
@@ -23,7 +23,7 @@ from cfsp.models import (
     ffn_widths,
 )
 from cfsp.scoring import ChannelInputs, block_importance, channel_scores
-from cfsp.surgery import set_config_widths, slice_mlp
+from cfsp.surgery import apply_pruning, needs_bias, set_config_widths, slice_mlp
 
 log = logging.getLogger("cfsp")
 
@@ -272,22 +272,17 @@ def _surgery(
     placement: InMemoryBlocks,
 ) -> list[torch.Tensor] | None:
     """Slice every block to its kept channels with its compensation; returns the added biases."""
-    compensated = compensation != "none"
-    with_bias = compensated or bool(getattr(model.config, "mlp_bias", False))
     biases = []
-    for index, (block, channels, block_stats) in enumerate(
-        zip(decoder_blocks(model), kept, stats, strict=True)
-    ):
-        placement.onload(index)
-        mlp = block_mlp(block)
-        fix = compensate(compensation, layouts.down_projection(mlp).weight, channels, block_stats, damping)
-        slice_mlp(mlp, channels, fix.bias, with_bias=with_bias, down_weight=fix.weight)
-        if block_stats is not None and block_stats.gram is not None and placement.writing:
-            block_stats.gram = None  # D x D, no longer needed once the block is written
-        placement.offload(index)
+
+    def compensation_of(index: int, mlp: nn.Module) -> Compensation:
+        fix = compensate(compensation, layouts.down_projection(mlp).weight, kept[index], stats[index], damping)
+        if stats[index] is not None and placement.writing:
+            stats[index].gram = None  # D x D, no longer needed once the block is written
         biases.append(fix.bias)
-    set_config_widths(model.config, [int(k.numel()) for k in kept], with_bias)
-    return biases if compensated else None
+        return fix
+
+    apply_pruning(model, kept, compensation_of, placement, compensated=compensation != "none")
+    return biases if compensation != "none" else None
 
 
 def _second_pass(
@@ -310,7 +305,7 @@ def _second_pass(
     rechoose = config.sequential
     widths = [k.numel() for k in decided]
     compensated = compensation != "none"
-    with_bias = compensated or bool(getattr(model.config, "mlp_bias", False))
+    with_bias = needs_bias(model, compensated)
     kept: list[torch.Tensor] = list(decided)
     biases: list[torch.Tensor] | None = [] if compensated else None
 

@@ -6,10 +6,14 @@ per block and returns a smaller dense model.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from cfsp import layouts
+from cfsp.calibration import InMemoryBlocks
+from cfsp.compensation import Compensation
 from cfsp.models import block_mlp, decoder_blocks
 
 
@@ -80,17 +84,31 @@ def set_config_widths(config, widths: list[int], mlp_bias: bool) -> None:
         config.mlp_bias = True
 
 
+def needs_bias(model: nn.Module, compensated: bool) -> bool:
+    """Whether every MLP projection gets a bias: a compensation writes one into the down
+    projection, and the config's single ``mlp_bias`` switch then covers all of them."""
+    return compensated or bool(getattr(model.config, "mlp_bias", False))
+
+
 def apply_pruning(
     model: nn.Module,
     kept_channels: list[torch.Tensor],
-    down_biases: list[torch.Tensor] | None = None,
-    down_weights: list[torch.Tensor] | None = None,
+    compensation_of: Callable[[int, nn.Module], Compensation] | None = None,
+    placement: InMemoryBlocks | None = None,
+    compensated: bool = False,
 ) -> None:
-    """Slice every block to its kept channels (and any refit down weights); update the config."""
-    blocks = decoder_blocks(model)
-    with_bias = down_biases is not None or bool(getattr(model.config, "mlp_bias", False))
-    for index, (block, kept) in enumerate(zip(blocks, kept_channels, strict=True)):
-        bias = down_biases[index] if down_biases is not None else None
-        weight = down_weights[index] if down_weights is not None else None
-        slice_mlp(block_mlp(block), kept, bias, with_bias=with_bias, down_weight=weight)
+    """The loop that slices a model: every block to its kept channels, then the config.
+
+    ``compensation_of(index, mlp)`` gives the block's down projection weight and bias to add (a
+    refit, a mean bias or the plan's bias), computed while the block's dense weights are on the
+    device; ``placement`` onloads and offloads (or writes) each block around its turn.
+    """
+    placement = placement or InMemoryBlocks()
+    with_bias = needs_bias(model, compensated)
+    for index, (block, kept) in enumerate(zip(decoder_blocks(model), kept_channels, strict=True)):
+        placement.onload(index)
+        mlp = block_mlp(block)
+        fix = compensation_of(index, mlp) if compensation_of is not None else Compensation()
+        slice_mlp(mlp, kept, fix.bias, with_bias=with_bias, down_weight=fix.weight)
+        placement.offload(index)
     set_config_widths(model.config, [int(k.numel()) for k in kept_channels], with_bias)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from cfsp.data import named_file, read_jsonl
+from cfsp.data import named_file, read_jsonl, token_ids
 from cfsp.errors import CfspError
 
 IGNORE_INDEX = -100  # label value the causal-LM loss skips
@@ -133,7 +133,7 @@ def instruction_examples(
 
 def text_examples(text: str, tokenizer, seqlen: int) -> list[dict[str, list[int]]]:
     """Causal-LM windows: the text tokenized once, cut into consecutive windows of ``seqlen`` tokens."""
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    ids = token_ids(tokenizer, [text], "").tolist()
     windows = [ids[start : start + seqlen] for start in range(0, len(ids), seqlen)]
     windows = [w for w in windows if len(w) >= 2]  # a 1-token tail has nothing to predict
     return [{"input_ids": w, "labels": list(w), "attention_mask": [1] * len(w)} for w in windows]
