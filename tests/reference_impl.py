@@ -1,4 +1,4 @@
-"""An independent, literal re-implementation of the reference numerics (CFSP.md sections 1-6).
+"""An independent, literal re-implementation of the reference numerics.
 
 It shares no code with cfsp: activations come from forward hooks on a plain dense forward pass
 (one window at a time, as the reference runs), statistics are accumulated the reference's way

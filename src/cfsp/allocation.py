@@ -1,6 +1,6 @@
 """From scores to widths: per-block keep fractions, rounding to a multiple, and kept channels.
 
-Three allocation rules: ``cfsp`` (sigmoid of block importance, CFSP.md section 3), ``uniform`` (the
+Three allocation rules: ``cfsp`` (sigmoid of block importance), ``uniform`` (the
 same fraction everywhere) and ``global`` (Wanda-SP / FLAP: standardise scores per block, one
 threshold over all blocks).
 """

@@ -1,4 +1,4 @@
-"""Cost of pruning and speed of the pruned model against the dense one (CFSP.md sections 8-9).
+"""Cost of pruning and speed of the pruned model against the dense one.
 
 Speed is measured with the two models interleaved in one run so that machine noise (other jobs,
 clock changes, thermal state) falls on both alike; the parameter ratio gives the ceiling a

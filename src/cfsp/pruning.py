@@ -275,7 +275,9 @@ def _surgery(
     biases = []
 
     def compensation_of(index: int, mlp: nn.Module) -> Compensation:
-        fix = compensate(compensation, layouts.down_projection(mlp).weight, kept[index], stats[index], damping)
+        fix = compensate(
+            compensation, layouts.down_projection(mlp).weight, kept[index], stats[index], damping
+        )
         if stats[index] is not None and placement.writing:
             stats[index].gram = None  # D x D, no longer needed once the block is written
         biases.append(fix.bias)

@@ -97,7 +97,7 @@ class ChannelInputs:
 
 
 def reference_fluctuation(stats: BlockStats) -> torch.Tensor:
-    """FLAP's reference statistic: a per-window recurrence, not the variance (CFSP.md section 6)."""
+    """FLAP's reference statistic: a per-window recurrence, not the variance."""
     mean = torch.zeros_like(stats.sum)
     fluct = torch.zeros_like(stats.sum)
     for n, (wsum, wsq, count) in enumerate(
