@@ -1,0 +1,160 @@
+"""Export to GGUF, the file llama.cpp (and ollama, LM Studio on top of it) serves.
+
+llama.cpp reads a per-layer ``feed_forward_length`` array for every architecture, but builds
+per-layer FFN tensors only for a few; ``llama``, ``qwen2``, ``qwen3`` and ``gemma3`` take layer 0's
+width for all layers. Its ``deci`` architecture is a Llama-style decoder (RMSNorm, rotary
+attention with optional q/k/v/o biases, SiLU-gated FFN with optional biases) that creates each
+layer's FFN from its own width, so Llama, Mistral and Qwen2 models, pruned or dense, are written as
+``deci``. Differences from the Hugging Face layout, all taken care of here:
+
+- llama.cpp's ``deci`` rotates consecutive pairs of each head's dimensions, Hugging Face rotates
+  the first half against the second, so the rows of q and k (and their biases) are permuted;
+- Llama-3's frequency-dependent rope scaling is a ``rope_freqs`` tensor of per-frequency factors;
+- the tokenizer travels as ``tokenizer.ggml.*`` metadata: copied verbatim from the source GGUF
+  when the model came from one, else built from the directory's ``tokenizer.json``.
+
+Tensors are converted and written one at a time, straight from the safetensors files of a
+directory, so exporting needs about one tensor's memory, not the model's.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cfsp.errors import CfspError
+from cfsp.export.encoding import OUTTYPES, byte_shape, encode, gguf_module, storage_type
+from cfsp.export.layout import (
+    ARCH,
+    EXPORTABLE,
+    DeciShape,
+    check_exportable,
+    llama3_rope_factors,
+    permute_rotary,
+    rope_settings,
+    tensor_plan,
+    write_hyperparameters,
+)
+from cfsp.export.source import ExportSource, open_source
+from cfsp.export.tokenizer import tokenizer_metadata
+from cfsp.outdir import StagedOutput
+
+log = logging.getLogger("cfsp")
+__all__ = [
+    "EXPORTABLE",
+    "OUTTYPES",
+    "check_exportable",
+    "export_gguf",
+    "llama3_rope_factors",
+    "permute_rotary",
+]
+
+
+MARKER = "cfsp.version"  # a GGUF key that marks cfsp's own files (what --overwrite may replace)
+
+
+# --------------------------------------------------------------------------- the export
+
+
+def is_cfsp_gguf(path: Path) -> bool:
+    """Whether ``path`` is a GGUF file that cfsp wrote (the only kind --overwrite replaces)."""
+    try:
+        with open(path, "rb") as handle:
+            if handle.read(4) != b"GGUF":
+                return False
+        return MARKER in gguf_module().GGUFReader(path).fields
+    except (OSError, ValueError):
+        return False
+
+
+def export_gguf(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    outtype: str = "f16",
+    tokenizer_from: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write ``model`` (pruned directory, HF directory, named default or .gguf) as a GGUF file.
+
+    ``outtype``: f32, f16, bf16 or q8_0 (matrices; norms and biases stay float32). The file is
+    written under a reservation like every cfsp output and appears whole or not at all.
+    """
+    if outtype not in OUTTYPES:
+        raise CfspError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    gguf = gguf_module()
+    protect = [model] if Path(str(model)).expanduser().exists() else []
+    staged = StagedOutput(out, overwrite, protect, own_file=is_cfsp_gguf)
+    source = open_source(model, tokenizer_from)
+    shape = check_exportable(source.config)
+    plan = tensor_plan(source.weights, source.config, shape)
+    vocab_rows = source.weights.shape("model.embed_tokens.weight")[0]
+    tokenizer = tokenizer_metadata(source, vocab_rows)
+    with staged as path:
+        writer = gguf.GGUFWriter(path, ARCH)
+        _write(writer, source, shape, plan, outtype, tokenizer, progress)
+    log.info(f"wrote {out} ({shape.layers} blocks, FFN widths {min(shape.widths)}..{max(shape.widths)})")
+    return Path(out)
+
+
+def _write(
+    writer, source: ExportSource, shape: DeciShape, plan, outtype: str, tokenizer: dict, progress: bool
+):
+    from importlib import metadata
+
+    from tqdm.auto import tqdm
+
+    gguf = gguf_module()
+    writer.add_name(source.name)
+    writer.add_file_type(
+        {
+            "f32": gguf.LlamaFileType.ALL_F32,
+            "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "bf16": gguf.LlamaFileType.MOSTLY_BF16,
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        }[outtype]
+    )
+    writer.add_string(MARKER, metadata.version("cfsp"))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    write_hyperparameters(writer, source.config, shape)
+    for key, value in tokenizer.items():
+        writer.add_key_value(key, value.value, value.type, value.sub_type)
+    entries = list(_entries(source, shape, plan, outtype))
+    for name, tensor_shape, kind, _ in entries:
+        stored, nbytes = byte_shape(tensor_shape, kind)
+        dtype = {gguf.GGMLQuantizationType.F32: np.float32, gguf.GGMLQuantizationType.F16: np.float16}.get(
+            kind, np.uint8
+        )
+        writer.add_tensor_info(name, stored, np.dtype(dtype), nbytes, raw_dtype=kind)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for _, _, kind, read in tqdm(entries, desc="writing GGUF", unit="tensor", disable=not progress):
+        writer.write_tensor_data(encode(read(), kind))
+    writer.close()
+
+
+def _entries(source: ExportSource, shape: DeciShape, plan, outtype: str) -> Iterator[tuple]:
+    """(GGUF name, logical shape in numpy order, storage type, reader) per tensor, in file order."""
+    for gguf_name, hf_name, transform in plan:
+        tensor_shape = source.weights.shape(hf_name)
+
+        def read(hf_name=hf_name, transform=transform):
+            tensor = source.weights.get(hf_name)
+            return transform(tensor) if transform is not None else tensor
+
+        yield gguf_name, tensor_shape, storage_type(gguf_name, tensor_shape, outtype), read
+    _, rope_type, _ = rope_settings(source.config)
+    if rope_type == "llama3":
+        factors = torch.from_numpy(llama3_rope_factors(source.config, shape.head_dim))
+        yield (
+            "rope_freqs.weight",
+            tuple(factors.shape),
+            gguf_module().GGMLQuantizationType.F32,
+            lambda: factors,
+        )
