@@ -1,0 +1,5 @@
+"""``python -m cfsp.cli``."""
+
+from cfsp.cli import app
+
+app()

@@ -1,0 +1,139 @@
+"""``cfsp recover``: fine-tune a pruned model back towards its dense quality."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from cfsp.cli.app import (
+    DeviceOption,
+    OverwriteOption,
+    app,
+    console,
+    friendly_errors,
+)
+from cfsp.errors import CfspError
+
+
+@app.command()
+@friendly_errors
+def recover(
+    pruned_dir: Annotated[Path, typer.Argument(help="A pruned directory written by `cfsp prune`.")],
+    out: Annotated[Path, typer.Option(help="Where to save the recovered (merged) pruned model.")],
+    data: Annotated[
+        str,
+        typer.Option(
+            help="instructions (gpteacher_roleplay + dolly_hhrlhf_small), one of them, wikitext2 or a file."
+        ),
+    ] = "instructions",
+    train: Annotated[
+        str, typer.Option(help="lora (adapters, merged afterwards) or mlp (the pruned MLP weights).")
+    ] = "lora",
+    rank: Annotated[int, typer.Option(help="Uniform LoRA rank R; sets the trainable-parameter budget.")] = 8,
+    allocation: Annotated[
+        str, typer.Option(help="LoRA ranks: importance (IG-LoRA) or uniform.")
+    ] = "importance",
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 200,
+    lr: Annotated[
+        float | None, typer.Option(help="Learning rate (default: 5e-4 for lora, 1e-4 for mlp).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Examples per step and device.")] = 4,
+    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 4,
+    seqlen: Annotated[int, typer.Option(help="Maximum tokens per example.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
+    objective: Annotated[
+        str, typer.Option(help="lm (next-token loss), kd (distil the dense model) or lm+kd.")
+    ] = "lm",
+    teacher: Annotated[
+        str | None,
+        typer.Option(help="The dense model for kd (default: the model the plan was pruned from)."),
+    ] = None,
+    kd_temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 1.0,
+    checkpoint_dir: Annotated[
+        Path | None, typer.Option(help="Trainer checkpoints (default: OUT.checkpoints).")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest checkpoint.")] = False,
+    save_adapter: Annotated[Path | None, typer.Option(help="Also save the adapter alone here.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Data directory.")] = None,
+    overwrite: OverwriteOption = False,
+    dtype: Annotated[
+        str, typer.Option(help="float32 (default: stable LoRA training) or bfloat16.")
+    ] = "float32",
+    device: DeviceOption = "auto",
+) -> None:
+    """Recover a pruned model (IG-LoRA, uniform LoRA or MLP fine-tuning; LM loss and/or distillation)."""
+    import shutil
+
+    import cfsp
+    from cfsp.io import write_pruned
+    from cfsp.models import resolve_device, resolve_dtype
+    from cfsp.outdir import StagedOutput
+    from cfsp.recovery import RecoveryConfig, resolve_recovery_source
+
+    config = RecoveryConfig(
+        rank=rank,
+        allocation=allocation,
+        train=train,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        seqlen=seqlen,
+        seed=seed,
+        objective=objective,
+        kd_temperature=kd_temperature,
+    )
+    plan = cfsp.read_plan(pruned_dir)
+    if objective != "lm":
+        teacher = teacher or plan.get("source_model")
+        if teacher is None:
+            raise CfspError(
+                f"objective {objective!r} needs the dense model: pass --teacher (its plan names no source model)"
+            )
+    resolve_recovery_source(data, data_dir)
+    resolve_dtype(dtype, resolve_device(device))
+    checkpoints = (checkpoint_dir or out.with_name(out.name + ".checkpoints")).expanduser()
+    fresh_checkpoints = not checkpoints.exists()
+    with StagedOutput(out, overwrite, protect=[pruned_dir, checkpoints]) as folder:
+        model, tokenizer = cfsp.load_pruned(pruned_dir, dtype=dtype, device=device)
+        dense = cfsp.load_model(teacher, dtype=dtype, device=device)[0] if objective != "lm" else None
+        if tokenizer is None:
+            raise CfspError(
+                f"{pruned_dir} has no tokenizer, which recovery needs; save it with its tokenizer"
+            )
+        try:
+            result = cfsp.recover(
+                model,
+                tokenizer,
+                data,
+                plan.get("block_importance"),
+                config,
+                output_dir=checkpoints,
+                resume=resume,
+                save_adapter=save_adapter,
+                data_root=data_dir,
+                teacher=dense,
+            )
+        except BaseException:
+            if fresh_checkpoints and checkpoints.is_dir() and not any(checkpoints.glob("checkpoint-*")):
+                shutil.rmtree(checkpoints)  # this run created it and saved nothing to resume from
+            raise
+        trained = "MLP weights"
+        if train == "lora":
+            table = Table(title="LoRA ranks per block")
+            table.add_column("block", justify="right")
+            table.add_column("rank", justify="right")
+            for i, r in enumerate(result.ranks):
+                table.add_row(str(i), str(r))
+            console.print(table)
+            trained = f"{allocation}; uniform rank {rank}: {result.uniform_params:,}"
+        console.print(
+            f"trainable parameters: {result.trainable_params:,} ({trained}); "
+            f"{result.tokens_seen:,} tokens; final loss {result.final_loss}"
+        )
+        plan["recovery"] = result.summary()
+        write_pruned(result.model, tokenizer, plan, folder)
+    console.print(f"saved to [bold]{out}[/]")
