@@ -280,3 +280,26 @@ def test_command_line_prunes_and_evaluates_a_real_config_directory(tmp_path):
                                "--output", str(report)])  # fmt: skip
     assert done.exit_code == 0, done.output
     assert math.isfinite(json.loads(report.read_text())["results"]["wikitext2"]["ppl"])
+
+
+@pytest.mark.parametrize("name", ["phi-4-mini-instruct", "starcoder2-3b", "qwen3.5-0.8b"])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(method="flap"),
+        dict(method="magnitude-sp"),
+        dict(method="wanda-sp", compensation="refit"),
+        dict(compensation="none"),
+        dict(sequential=True, compensation="refit"),
+    ],
+)
+def test_fused_plain_and_hybrid_stream_like_in_memory_with_every_method(name, options, calib, tmp_path):
+    source = save_source(name, tmp_path / "source")
+    model, _ = cfsp.load_model(source, device="cpu")
+    expected = cfsp.prune(model, calib, 0.5, multiple=32, progress=False, **options)
+    result = prune_directory(source, calib, 0.5, tmp_path / "out", device="cpu", multiple=32, progress=False,
+                             **options)  # fmt: skip
+    assert [k.tolist() for k in result.kept_channels] == [k.tolist() for k in expected.kept_channels]
+    reloaded, _ = cfsp.load_pruned(tmp_path / "out", device="cpu")
+    with torch.no_grad():
+        assert torch.equal(reloaded(calib[:2]).logits, model(calib[:2]).logits)

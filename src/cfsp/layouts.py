@@ -53,6 +53,19 @@ MLP_LAYOUTS = (
 )
 
 
+# Checkpoint names of the Llama-style layout (every family here keeps its blocks at model.layers;
+# the GGUF export reads these names from the files).
+BLOCKS = "model.layers"
+EMBEDDINGS = "model.embed_tokens.weight"
+FINAL_NORM = "model.norm.weight"
+LM_HEAD = "lm_head.weight"
+
+
+def block_tensor(index: int, name: str) -> str:
+    """The checkpoint name of tensor ``name`` (e.g. ``mlp.down_proj.weight``) of block ``index``."""
+    return f"{BLOCKS}.{index}.{name}"
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList | None:
     """The decoder blocks of a causal LM: ``model.model.layers`` in every supported family."""
     layers = getattr(getattr(model, "model", None), "layers", None)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 from typing import Annotated
 
@@ -17,8 +18,11 @@ from cfsp.cli.app import (
     option_help,
 )
 from cfsp.cli.tables import summary_table, totals_table
-from cfsp.compensation import DEFAULT_DAMPING
+from cfsp.config import PruneConfig
 from cfsp.errors import CfspError
+
+# The flags' defaults are PruneConfig's own.
+DEFAULTS = {f.name: f.default for f in fields(PruneConfig)}
 
 
 @app.command()
@@ -28,8 +32,8 @@ def prune(
     model: Annotated[
         str, typer.Option(help="Named default (smollm2, gemma3-270m), HF directory or .gguf.")
     ] = "smollm2",
-    sparsity: Annotated[float, typer.Option(help=option_help("sparsity"))] = 0.5,
-    method: Annotated[str, typer.Option(help=option_help("method"))] = "cfsp",
+    sparsity: Annotated[float, typer.Option(help=option_help("sparsity"))] = DEFAULTS["sparsity"],
+    method: Annotated[str, typer.Option(help=option_help("method"))] = DEFAULTS["method"],
     calib_source: Annotated[str, typer.Option(help="wikitext2 or a .txt/.jsonl file.")] = "wikitext2",
     nsamples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 128,
     seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 1024,
@@ -38,16 +42,18 @@ def prune(
         Path | None,
         typer.Option(help="Data directory (default: $CFSP_DATA_DIR, else the data shipped with cfsp)."),
     ] = None,
-    block_metric: Annotated[str, typer.Option(help=option_help("block_metric"))] = "angular",
+    block_metric: Annotated[str, typer.Option(help=option_help("block_metric"))] = DEFAULTS["block_metric"],
     channel_metric: Annotated[str | None, typer.Option(help=option_help("channel_metric"))] = None,
     allocation: Annotated[str | None, typer.Option(help=option_help("allocation"))] = None,
-    temperature: Annotated[float, typer.Option(help=option_help("temperature"))] = 13.1072,
-    b: Annotated[float, typer.Option(help=option_help("b"))] = 1.0,
-    c: Annotated[float, typer.Option(help=option_help("c"))] = 1.0,
+    temperature: Annotated[float, typer.Option(help=option_help("temperature"))] = DEFAULTS["temperature"],
+    b: Annotated[float, typer.Option(help=option_help("b"))] = DEFAULTS["b"],
+    c: Annotated[float, typer.Option(help=option_help("c"))] = DEFAULTS["c"],
     multiple: Annotated[int | None, typer.Option(help=option_help("multiple"))] = None,
     rounding: Annotated[str | None, typer.Option(help=option_help("rounding"))] = None,
     compensation: Annotated[str | None, typer.Option(help=option_help("compensation"))] = None,
-    refit_damping: Annotated[float, typer.Option(help=option_help("refit_damping"))] = DEFAULT_DAMPING,
+    refit_damping: Annotated[float, typer.Option(help=option_help("refit_damping"))] = DEFAULTS[
+        "refit_damping"
+    ],
     reference: Annotated[
         bool,
         typer.Option("--reference", help="The reference preset: " + option_help("preset").split(": ", 1)[1]),
@@ -65,7 +71,7 @@ def prune(
     ] = True,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
-    batch_size: Annotated[int, typer.Option(help=option_help("batch_size"))] = 8,
+    batch_size: Annotated[int, typer.Option(help=option_help("batch_size"))] = DEFAULTS["batch_size"],
     offload_activations: Annotated[
         bool, typer.Option("--offload-activations", help=option_help("offload_activations"))
     ] = False,
@@ -76,7 +82,6 @@ def prune(
 ) -> None:
     """Prune a model's FFN channels and save a smaller dense model."""
     import cfsp
-    from cfsp.config import PruneConfig
     from cfsp.data import check_windows, describe_windows, text_source_path
     from cfsp.io import write_pruned
     from cfsp.memory import pruning_cost

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cfsp import layouts
 from cfsp.errors import CfspError
 from cfsp.export.encoding import OUTTYPES, byte_shape, encode, gguf_module, storage_type
 from cfsp.export.layout import (
@@ -93,7 +94,7 @@ def export_gguf(
     source = open_source(model, tokenizer_from)
     shape = check_exportable(source.config)
     plan = tensor_plan(source.weights, source.config, shape)
-    vocab_rows = source.weights.shape("model.embed_tokens.weight")[0]
+    vocab_rows = source.weights.shape(layouts.EMBEDDINGS)[0]
     tokenizer = tokenizer_metadata(source, vocab_rows)
     with staged as path:
         writer = gguf.GGUFWriter(path, ARCH)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cfsp import layouts
 from cfsp.errors import CfspError
 from cfsp.export.encoding import gguf_module
 
@@ -38,9 +39,9 @@ _BLOCK_TENSORS = {  # Hugging Face name inside model.layers.N -> GGUF name insid
     "mlp.down_proj": "ffn_down",
 }
 _GLOBAL_TENSORS = {
-    "model.embed_tokens.weight": "token_embd.weight",
-    "model.norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
+    layouts.EMBEDDINGS: "token_embd.weight",
+    layouts.FINAL_NORM: "output_norm.weight",
+    layouts.LM_HEAD: "output.weight",
 }
 
 
@@ -175,13 +176,13 @@ def tensor_plan(weights, config: dict, shape: DeciShape) -> list[tuple[str, str,
     plan = []
     for hf_name, gguf_name in _GLOBAL_TENSORS.items():
         if hf_name in keys:
-            if hf_name == "lm_head.weight" and config.get("tie_word_embeddings"):
+            if hf_name == layouts.LM_HEAD and config.get("tie_word_embeddings"):
                 continue
             plan.append((gguf_name, hf_name, None))
     for i in range(shape.layers):
         for hf_part, gguf_part in _BLOCK_TENSORS.items():
             for suffix in ("weight", "bias"):
-                hf_name = f"model.layers.{i}.{hf_part}.{suffix}"
+                hf_name = layouts.block_tensor(i, f"{hf_part}.{suffix}")
                 if hf_name not in keys:
                     if suffix == "weight":
                         raise CfspError(f"the weights have no tensor {hf_name!r}; is this a complete model?")
@@ -192,7 +193,7 @@ def tensor_plan(weights, config: dict, shape: DeciShape) -> list[tuple[str, str,
                 elif gguf_part == "attn_k":
                     transform = lambda t: permute_rotary(t, shape.kv_heads)  # noqa: E731
                 plan.append((f"blk.{i}.{gguf_part}.{suffix}", hf_name, transform))
-    unknown = keys - {hf for _, hf, _ in plan} - {"lm_head.weight"}
+    unknown = keys - {hf for _, hf, _ in plan} - {layouts.LM_HEAD}
     unknown = {k for k in unknown if not k.endswith("rotary_emb.inv_freq")}
     if unknown:
         raise CfspError(
