@@ -145,6 +145,17 @@ def _shrink_rope(config: dict, head_dim: int) -> None:
             rope["mrope_section"] = scaled
 
 
+def gemma4_small_config():
+    """Gemma 4's small-model layout (E2B / E4B) from the class defaults: per-layer embeddings, the
+    last layers reusing the K/V of earlier ones, and those layers' MLPs twice as wide."""
+    config = shrunk_config("gemma4_text")
+    config.num_hidden_layers = 8
+    config.layer_types = (["sliding_attention"] * 3 + ["full_attention"]) * 2
+    config.per_layer_config = {3: {"head_dim": 32}, 7: {"head_dim": 32}}
+    config.num_kv_shared_layers, config.use_double_wide_mlp = 4, True
+    return config
+
+
 def make_real_model(name: str, seed: int = 0, vocab: int = VOCAB) -> torch.nn.Module:
     """A random float32 model of the family, with channel scales spread so rankings mean something."""
     torch.manual_seed(seed)

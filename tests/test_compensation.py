@@ -145,3 +145,16 @@ def test_non_finite_activations_stop_calibration_with_one_line():
     calib = torch.randint(0, 200, (2, 16), generator=torch.Generator().manual_seed(5))
     with pytest.raises(CfspError, match="NaN or inf in the activations of block 1"):
         calibrate(model, calib, progress=False)
+
+
+def test_refit_without_intercept_equals_lstsq_without_intercept():
+    """A stock (uniform) output has no MLP bias: the refit solves on uncentred moments."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 80, 12, generator=gen, dtype=torch.float64) * torch.linspace(0.2, 3, 12) + 1.0
+    down = torch.randn(7, 12, generator=gen, dtype=torch.float64)
+    kept = torch.tensor([1, 2, 5, 8, 10])
+    fix = compensate("refit", down, kept, _stats(x), damping=0.0, intercept=False)
+    flat = x.reshape(-1, 12)
+    solution = torch.linalg.lstsq(flat[:, kept], flat @ down.T).solution  # [k, H]
+    assert fix.bias is None
+    assert torch.allclose(fix.weight, solution.T, atol=1e-8)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_byte_tokenizer
-from real_models import DEFAULT_CONFIGS, REAL_CONFIGS, make_real_model, shrunk_config
+from real_models import DEFAULT_CONFIGS, REAL_CONFIGS, gemma4_small_config, make_real_model, shrunk_config
 
 import cfsp
 from cfsp import layouts
@@ -216,13 +216,8 @@ def test_gemma4_kv_shared_layers_and_double_wide_mlps(calib, tmp_path):
     unequal widths, and streamed == in memory."""
     from transformers import AutoModelForCausalLM
 
-    config = shrunk_config("gemma4_text")
-    config.num_hidden_layers = 8
-    config.layer_types = (["sliding_attention"] * 3 + ["full_attention"]) * 2
-    config.per_layer_config = {3: {"head_dim": 32}, 7: {"head_dim": 32}}
-    config.num_kv_shared_layers, config.use_double_wide_mlp = 4, True
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_config(gemma4_small_config(), dtype=torch.float32).eval()
     assert cfsp.models.ffn_widths(model) == [256] * 4 + [512] * 4
     model.save_pretrained(tmp_path / "source")
     expected = cfsp.prune(model, calib, 0.5, multiple=32, progress=False)

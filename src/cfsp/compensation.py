@@ -37,9 +37,19 @@ class Compensation:
 
 
 def compensate(
-    rule: str, down: torch.Tensor, kept: torch.Tensor, stats: BlockStats | None, damping: float
+    rule: str,
+    down: torch.Tensor,
+    kept: torch.Tensor,
+    stats: BlockStats | None,
+    damping: float,
+    intercept: bool = True,
 ) -> Compensation:
-    """Apply ``rule`` to one block; ``down`` is the dense down_proj weight [H, D]."""
+    """Apply ``rule`` to one block; ``down`` is the dense down_proj weight [H, D].
+
+    ``intercept=False`` (a stock checkpoint whose MLP has no bias) solves the refit on uncentred
+    second moments, so the best linear map without a bias: ``W G[:, K] (G[K, K] + lam I)^-1`` with
+    ``G = E[x x^T]``.
+    """
     if rule == "none":
         return Compensation()
     if stats is None or stats.sum is None:
@@ -54,7 +64,9 @@ def compensate(
     if rule == "refit":
         if stats.gram is None:
             raise CfspError("compensation 'refit' needs second moments: calibrate with second_moments=True")
-        weight = refit_weight(down, kept, stats, damping)
+        weight = refit_weight(down, kept, stats, damping, centred=intercept)
+        if not intercept:
+            return Compensation(weight=weight)
         return Compensation(weight=weight, bias=down @ mean - weight @ mean[kept])
     raise CfspError(f"unknown compensation {rule!r}; choose one of {', '.join(COMPENSATIONS)}")
 
@@ -65,9 +77,13 @@ def centred_covariance(stats: BlockStats) -> torch.Tensor:
     return stats.gram / stats.tokens - torch.outer(mean, mean)
 
 
-def refit_weight(down: torch.Tensor, kept: torch.Tensor, stats: BlockStats, damping: float) -> torch.Tensor:
-    """Ridge least-squares down_proj on the kept channels: ``W C[:, K] (C[K, K] + lam I)^-1``."""
-    cov = centred_covariance(stats).to(down.device)
+def refit_weight(
+    down: torch.Tensor, kept: torch.Tensor, stats: BlockStats, damping: float, centred: bool = True
+) -> torch.Tensor:
+    """Ridge least-squares down_proj on the kept channels: ``W C[:, K] (C[K, K] + lam I)^-1``, with
+    the centred covariance (a bias absorbs the mean) or, ``centred=False``, the uncentred moments."""
+    moments = centred_covariance(stats) if centred else stats.gram / stats.tokens
+    cov = moments.to(down.device)
     cov_kk = cov[kept][:, kept]
     lam = damping * cov_kk.diagonal().mean().clamp_min(1e-12)
     system = cov_kk + lam * torch.eye(kept.numel(), dtype=cov.dtype, device=cov.device)
@@ -75,18 +91,19 @@ def refit_weight(down: torch.Tensor, kept: torch.Tensor, stats: BlockStats, damp
     return torch.linalg.solve(system, rhs).T
 
 
-def refit_or_mean(tokens: int, kept_channels: int) -> str:
+def refit_or_mean(tokens: int, kept_channels: int, fallback: str = "mean") -> str:
     """The refit solves for ``kept_channels`` weights per output from ``tokens`` samples; with too
     few it fits the calibration noise (``benchmarks/results/refit_tokens.md``, SmolLM2 at 50 %, two
     seeds: 0.7 tokens per kept channel of the widest block gave a perplexity of 13,415 against
     91.6 with the mean bias, 1.3 gave +76 %, 2.7 about even, 5.3 -13 %, and 32 x 512 tokens
-    -19 %), so below ``REFIT_MIN_TOKENS_PER_CHANNEL`` the mean bias is used, with a warning."""
+    -19 %), so below ``REFIT_MIN_TOKENS_PER_CHANNEL`` the mean bias is used, with a warning
+    (``fallback``: ``none`` where the output may not gain a bias)."""
     needed = REFIT_MIN_TOKENS_PER_CHANNEL * kept_channels
     if tokens >= needed:
         return "refit"
     log.warning(
         f"the refit needs at least {needed:,} calibration tokens for blocks that keep {kept_channels:,} "
-        f"channels, got {tokens:,}; using the mean compensation instead (calibrate on more tokens: "
+        f"channels, got {tokens:,}; using the {fallback} compensation instead (calibrate on more tokens: "
         "--nsamples x --seqlen)"
     )
-    return "mean"
+    return fallback

@@ -66,6 +66,11 @@ class PruneConfig:
     refit_damping: float = _option(
         DEFAULT_DAMPING, "Ridge damping of the refit, relative to the mean variance."
     )
+    uniform: bool = _option(
+        False,
+        "Every block keeps the same width (one multiple): a stock checkpoint that every engine serves, "
+        "without per-block widths, remote code or MLP biases.",
+    )
     sequential: bool = _option(False, "Score each block on the already-pruned blocks' outputs.")
     allow_inexact: bool = _option(False, "Warn instead of failing when the widths miss the sparsity.")
     batch_size: int = _option(8, "Windows per forward batch during calibration.")
@@ -84,7 +89,13 @@ class PruneConfig:
         )
         if reference:
             method_defaults.update(spec.reference_defaults)
-        for name, value in {**method_defaults, **(REFERENCE_PRESET if reference else DEFAULT_PRESET)}.items():
+        if self.uniform:  # one width everywhere, rounded per block to the nearest multiple
+            if self.allocation not in (None, "uniform"):
+                raise CfspError(
+                    f"--uniform gives every block the same width; drop --allocation {self.allocation}"
+                )
+            method_defaults.update(allocation="uniform", selection="topk", rounding="nearest")
+        for name, value in {**(REFERENCE_PRESET if reference else DEFAULT_PRESET), **method_defaults}.items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
         self._check()
@@ -120,6 +131,11 @@ class PruneConfig:
             raise CfspError(f"batch size must be >= 1, got {self.batch_size}")
         if self.refit_damping < 0:
             raise CfspError(f"refit damping must be >= 0, got {self.refit_damping}")
+        if self.uniform and (self.compensation == "mean" or self.selection != "topk"):
+            raise CfspError(
+                "--uniform writes a stock checkpoint, whose MLP has no bias and whose widths are exact: use "
+                "--compensation refit (solved without a bias) or none, and the default channel selection"
+            )
         if self.sequential and self.preset == "reference":
             raise CfspError(
                 "--sequential cannot be combined with --reference (the reference has no such mode)"
@@ -159,6 +175,12 @@ class PruneConfig:
             or self.allocation == "cfsp"
             or self.compensation != "none"
         )
+
+    @property
+    def adds_bias(self) -> bool:
+        """Whether the compensation writes a bias: the mean rule, and the refit's intercept (a uniform,
+        stock output refits without one)."""
+        return self.compensation == "mean" or (self.compensation == "refit" and not self.uniform)
 
     @property
     def needs_window_stats(self) -> bool:

@@ -79,7 +79,8 @@ def write_pruned(model: nn.Module, tokenizer, result: PruneResult | dict, folder
 
 
 def write_pruned_metadata(model: nn.Module, tokenizer, result: PruneResult | dict, folder: Path) -> None:
-    """Everything of a pruned directory but the weights: config, modeling file, plan, tokenizer."""
+    """Everything of a pruned directory but the weights: config, modeling file (not for a uniform
+    output, which is the family's stock checkpoint), plan, tokenizer."""
     plan = result.to_plan() if isinstance(result, PruneResult) else dict(result)
     base_class = type(model).__name__.removeprefix("Cfsp")
     plan["architecture"] = base_class
@@ -93,12 +94,16 @@ def write_pruned_metadata(model: nn.Module, tokenizer, result: PruneResult | dic
         model.config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    (folder / MODELING_FILE).write_text(modeling_source(base_class), encoding="utf-8")
-    (folder / LAYOUTS_FILE).write_text(Path(layouts.__file__).read_text(encoding="utf-8"), encoding="utf-8")
+    uniform = bool(plan.get("options", {}).get("uniform", False))
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["architectures"] = [base_class]
-    config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.Cfsp{base_class}"}
+    if not uniform:  # per-block widths need the modeling file; a uniform output is the stock model
+        (folder / MODELING_FILE).write_text(modeling_source(base_class), encoding="utf-8")
+        (folder / LAYOUTS_FILE).write_text(
+            Path(layouts.__file__).read_text(encoding="utf-8"), encoding="utf-8"
+        )
+        config["auto_map"] = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.Cfsp{base_class}"}
     config.pop("quantization_config", None)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     (folder / PLAN_FILE).write_text(dumps(plan, indent=1), encoding="utf-8")
@@ -125,5 +130,6 @@ def apply_plan(model: nn.Module, plan: dict | str | os.PathLike) -> nn.Module:
     def plan_bias(index: int, _mlp: nn.Module) -> Compensation:
         return Compensation(bias=torch.tensor(biases[index], dtype=torch.float64) if biases else None)
 
-    apply_pruning(model, kept, plan_bias, compensated=biases is not None)
+    uniform = bool(plan.get("options", {}).get("uniform", False))
+    apply_pruning(model, kept, plan_bias, compensated=biases is not None, uniform=uniform)
     return model

@@ -182,6 +182,15 @@ def set_layer_widths(config, widths: list[int]) -> None:
     _set_overrides(config, overrides)
 
 
+def set_uniform_width(config, width: int) -> None:
+    """One FFN width for every block, as the config's own ``intermediate_size``: the stock form."""
+    overrides = per_layer_overrides(config)
+    for values in overrides.values():
+        values.pop("intermediate_size", None)
+    _set_overrides(config, overrides)
+    config.intermediate_size = int(width)
+
+
 def homogeneous_config(config):
     """A copy of ``config`` without cfsp's per-block widths, which the stock model class can build
     (the family's own per-layer settings stay)."""

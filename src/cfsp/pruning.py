@@ -95,6 +95,11 @@ def prune(
         raise CfspError(f"method {config.method!r} needs calibration windows (pass calib / --calib-source)")
     blocks = decoder_blocks(model)
     original = ffn_widths(model)
+    if config.uniform and len(set(original)) > 1:
+        raise CfspError(
+            f"--uniform needs blocks of one FFN width, this model's differ ({min(original)}-{max(original)}, "
+            "e.g. Gemma 4's double-wide layers); prune it without --uniform"
+        )
     check_achievable(config, original)
     params_before = count_parameters(model)
     placement = placement or InMemoryBlocks()
@@ -129,14 +134,15 @@ def prune(
     kept = [k if k.numel() else s.argmax().view(1) for k, s in zip(kept, scores, strict=True)]
     check_realised(config, [k.numel() for k in kept], original)
     if refit:
-        compensation = refit_or_mean(stats[0].tokens, max(k.numel() for k in kept))
+        fallback = "none" if config.uniform else "mean"  # a stock output has no bias to put the mean in
+        compensation = refit_or_mean(stats[0].tokens, max(k.numel() for k in kept), fallback)
         refit = compensation == "refit"
 
     placement.begin_output()
     if config.sequential or (refit and placement.streams):  # streamed: no Gram matrices from pass one
         kept, biases = _second_pass(model, calib, kept, config, compensation, progress, placement)
     else:
-        biases = _surgery(model, kept, stats, compensation, config.refit_damping, placement)
+        biases = _surgery(model, kept, stats, compensation, config, placement)
     widths = [int(k.numel()) for k in kept]
     done = replace(config, compensation=compensation)  # the refit may have fallen back to the mean
     return PruneResult(
@@ -268,23 +274,25 @@ def _surgery(
     kept: list[torch.Tensor],
     stats: list[BlockStats | None],
     compensation: str,
-    damping: float,
+    config: PruneConfig,
     placement: InMemoryBlocks,
 ) -> list[torch.Tensor] | None:
     """Slice every block to its kept channels with its compensation; returns the added biases."""
+    done = replace(config, compensation=compensation)
     biases = []
 
     def compensation_of(index: int, mlp: nn.Module) -> Compensation:
+        down = layouts.down_projection(mlp).weight
         fix = compensate(
-            compensation, layouts.down_projection(mlp).weight, kept[index], stats[index], damping
+            compensation, down, kept[index], stats[index], config.refit_damping, not config.uniform
         )
         if stats[index] is not None and placement.writing:
             stats[index].gram = None  # D x D, no longer needed once the block is written
         biases.append(fix.bias)
         return fix
 
-    apply_pruning(model, kept, compensation_of, placement, compensated=compensation != "none")
-    return biases if compensation != "none" else None
+    apply_pruning(model, kept, compensation_of, placement, compensated=done.adds_bias, uniform=config.uniform)
+    return biases if done.adds_bias else None
 
 
 def _second_pass(
@@ -306,7 +314,7 @@ def _second_pass(
     """
     rechoose = config.sequential
     widths = [k.numel() for k in decided]
-    compensated = compensation != "none"
+    compensated = replace(config, compensation=compensation).adds_bias
     with_bias = needs_bias(model, compensated)
     kept: list[torch.Tensor] = list(decided)
     biases: list[torch.Tensor] | None = [] if compensated else None
@@ -316,7 +324,7 @@ def _second_pass(
         if rechoose:
             kept[index] = alloc.top_channels(_block_scores(mlp, stats, config), widths[index])
         down = layouts.down_projection(mlp).weight
-        fix = compensate(compensation, down, kept[index], stats, config.refit_damping)
+        fix = compensate(compensation, down, kept[index], stats, config.refit_damping, not config.uniform)
         if biases is not None:
             biases.append(fix.bias)
         stats.gram = None  # D x D: free it as soon as the block is done
@@ -333,5 +341,5 @@ def _second_pass(
         window_stats=config.needs_window_stats,
         placement=placement,
     )
-    set_config_widths(model.config, widths, with_bias)
+    set_config_widths(model.config, widths, with_bias, uniform=config.uniform)
     return kept, biases

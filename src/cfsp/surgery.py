@@ -77,9 +77,13 @@ def slice_mlp(
         mlp.intermediate_size = int(kept.numel())
 
 
-def set_config_widths(config, widths: list[int], mlp_bias: bool) -> None:
-    """Record per-block widths in ``per_layer_config``; the global width stays the original."""
-    layouts.set_layer_widths(config, widths)
+def set_config_widths(config, widths: list[int], mlp_bias: bool, uniform: bool = False) -> None:
+    """Record per-block widths in ``per_layer_config`` (the global width stays the original), or,
+    for a uniform output, the one width as the config's own ``intermediate_size``."""
+    if uniform:
+        layouts.set_uniform_width(config, widths[0])
+    else:
+        layouts.set_layer_widths(config, widths)
     if mlp_bias:
         config.mlp_bias = True
 
@@ -96,6 +100,7 @@ def apply_pruning(
     compensation_of: Callable[[int, nn.Module], Compensation] | None = None,
     placement: InMemoryBlocks | None = None,
     compensated: bool = False,
+    uniform: bool = False,
 ) -> None:
     """The loop that slices a model: every block to its kept channels, then the config.
 
@@ -111,4 +116,4 @@ def apply_pruning(
         fix = compensation_of(index, mlp) if compensation_of is not None else Compensation()
         slice_mlp(mlp, kept, fix.bias, with_bias=with_bias, down_weight=fix.weight)
         placement.offload(index)
-    set_config_widths(model.config, [int(k.numel()) for k in kept_channels], with_bias)
+    set_config_widths(model.config, [int(k.numel()) for k in kept_channels], with_bias, uniform)

@@ -58,6 +58,7 @@ def prune(
         bool,
         typer.Option("--reference", help="The reference preset: " + option_help("preset").split(": ", 1)[1]),
     ] = False,
+    uniform: Annotated[bool, typer.Option("--uniform", help=option_help("uniform"))] = False,
     sequential: Annotated[bool, typer.Option("--sequential", help=option_help("sequential"))] = False,
     allow_inexact: Annotated[
         bool, typer.Option("--allow-inexact", help=option_help("allow_inexact"))
@@ -105,6 +106,7 @@ def prune(
         rounding=rounding,
         compensation=compensation,
         refit_damping=refit_damping,
+        uniform=uniform,
         sequential=sequential,
         allow_inexact=allow_inexact,
         batch_size=batch_size,
@@ -148,3 +150,8 @@ def prune(
         if not streamed:
             write_pruned(net, tokenizer, result, folder)
     console.print(f"saved to [bold]{out}[/]")
+    if config.uniform:
+        console.print(
+            f"every block keeps {result.widths[0]} channels (FFN sparsity {result.realised_sparsity:.3f}): "
+            "a stock checkpoint, loads with AutoModelForCausalLM.from_pretrained without trust_remote_code"
+        )
