@@ -48,6 +48,10 @@ def test_speed_benchmark_on_dense_and_narrow_model(tokenizer):
     removed = 3 * COMMON["hidden_size"] * (COMMON["intermediate_size"] - 128) * COMMON["num_hidden_layers"]
     assert result["dense_params"] - result["pruned_params"] == removed
     assert result["param_ceiling"] > 1
+    hidden, vocab = COMMON["hidden_size"], COMMON["vocab_size"]
+    untied = [count_parameters(m) - vocab * hidden + hidden for m in (dense, pruned)]  # one embedding row
+    assert result["decode_ceiling"] == pytest.approx(untied[0] / untied[1])
+    assert result["decode_ceiling"] > result["param_ceiling"]
     json.dumps(result)
     console = Console(record=True, width=160)
     console.print(format_bench_table(result))

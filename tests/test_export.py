@@ -14,6 +14,7 @@ import cfsp
 from cfsp.errors import CfspError
 from cfsp.export import export_gguf, llama3_rope_factors, permute_rotary
 from cfsp.llamacpp import perplexity, token_logits
+from cfsp.models import count_parameters
 
 EXPORTABLE = ["llama", "mistral", "qwen2"]
 
@@ -184,3 +185,22 @@ def test_bench_cli_times_two_gguf_files(tmp_path):
     assert row["prompt_length"] == 16 and row["pruned"]["decode_tokens_per_s"] > 0
     refused = CliRunner().invoke(app, [*args[:5], "--batch-sizes", "4"])
     assert refused.exit_code == 2 and "one sequence at a time" in refused.output
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_decode_weights_count_one_embedding_row_unless_the_head_is_tied(tied, tmp_path):
+    """What a decoded token reads, from the model and from its GGUF file alike."""
+    from cfsp.bench import decode_read_parameters
+    from cfsp.llamacpp import gguf_decode_parameters
+
+    model = make_tiny_model("llama")
+    if tied:
+        model.config.tie_word_embeddings = True
+        model.tie_weights()
+    total, embedding = count_parameters(model), model.get_input_embeddings().weight
+    expected = total if tied else total - embedding.numel() + embedding.shape[1]
+    assert decode_read_parameters(model) == expected
+    model.save_pretrained(tmp_path / "m")
+    bpe_tokenizer().save_pretrained(tmp_path / "m")
+    export_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32", progress=False)
+    assert gguf_decode_parameters(tmp_path / "m.gguf") == expected

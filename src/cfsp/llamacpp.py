@@ -76,6 +76,20 @@ def gguf_parameters(path: str | os.PathLike) -> int:
     )
 
 
+def gguf_decode_parameters(path: str | os.PathLike) -> int:
+    """Weights one decoded token reads in a GGUF file: all but the token embedding, of which one
+    row, unless the file has no ``output.weight`` (a tied head reads the embedding whole)."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: t for t in GGUFReader(_check_gguf(path)).tensors if t.name != "rope_freqs.weight"}
+    total = sum(int(t.n_elements) for t in tensors.values())
+    embedding = tensors.get("token_embd.weight")
+    if embedding is None or "output.weight" not in tensors:
+        return total
+    hidden = int(embedding.shape[0])  # GGUF lists dimensions innermost first: [hidden, vocab]
+    return total - int(embedding.n_elements) + hidden
+
+
 def window_logits(path: str | os.PathLike, windows: torch.Tensor) -> Iterator[torch.Tensor]:
     """Logits [length, vocab] of every position of each window in turn, as llama.cpp computes them
     (one window at a time: a whole evaluation's logits would not fit in memory)."""
