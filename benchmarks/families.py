@@ -48,11 +48,11 @@ def main() -> None:
     write_text_atomic(RESULTS / "families.json", dumps(rows, indent=1))
     lines = [
         "| family (config) | model_type | MLP | prune in memory | streamed = in memory | reload | stock load "
-        "(remote code) | eval | GGUF (llama.cpp deci) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "(remote code) | eval | `--uniform`: plain transformers | GGUF (llama.cpp deci) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
-        checks = [row[key] for key in ("pruned", "streamed", "reload", "stock_load", "eval")]
+        checks = [row[key] for key in ("pruned", "streamed", "reload", "stock_load", "eval", "uniform_stock")]
         gguf = "✔" if row["model_type"] in EXPORTABLE else "—"
         source = name if row["config"] == "published config.json" else f"{name} (class defaults)"
         lines.append(

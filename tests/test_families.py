@@ -74,7 +74,25 @@ def check_family(name: str, root: Path, calib: torch.Tensor) -> dict:
     scores = cfsp.evaluate(reloaded, tokenizer, tasks=["wikitext2"], limit=1, seqlen=32)
     found["eval"] = math.isfinite(scores["results"]["wikitext2"]["ppl"])
     found["widths"] = result.widths
+    found["uniform_stock"] = check_uniform_stock(name, root, calib, x)
     return found
+
+
+def check_uniform_stock(name: str, root: Path, calib: torch.Tensor, x: torch.Tensor) -> bool:
+    """``uniform=True`` writes the family's stock checkpoint: plain transformers loads it, without
+    remote code, to the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = make_real_model(name)
+    result = cfsp.prune(model, calib, 0.5, multiple=32, uniform=True, progress=False)
+    cfsp.save_pruned(model, None, result, root / "uniform")
+    if (root / "uniform" / "modeling_cfsp.py").exists():
+        return False
+    stock = AutoModelForCausalLM.from_pretrained(root / "uniform")
+    with torch.no_grad():
+        return type(stock).__module__.startswith("transformers.") and torch.equal(
+            stock(x).logits, model(x).logits
+        )
 
 
 def check_stock_loads(roots: list[Path], x: torch.Tensor) -> tuple[list[bool], str]:
@@ -119,6 +137,7 @@ def test_family_prunes_streams_saves_and_loads(name, checked):
     assert found["reload"], "cfsp.load_pruned gives different logits"
     assert found["stock_load"], found["stock_error"]
     assert found["eval"]
+    assert found["uniform_stock"], "the uniform output is not the stock checkpoint"
 
 
 def test_fixtures_keep_the_real_ids_beyond_the_vocabulary():

@@ -42,20 +42,30 @@ def convert(
 @friendly_errors
 def export(
     model: Annotated[str, typer.Argument(help="Pruned directory, HF directory, named default or .gguf.")],
-    out: Annotated[Path, typer.Option(help="The .gguf file to write.")],
-    format: Annotated[str, typer.Option("--format", help="Output format (gguf, for llama.cpp).")] = "gguf",
+    out: Annotated[Path, typer.Option(help="The .gguf file (or, with --format vllm, directory) to write.")],
+    format: Annotated[
+        str,
+        typer.Option("--format", help="gguf (llama.cpp, ollama, LM Studio) or vllm (a DeciLM directory)."),
+    ] = "gguf",
     outtype: Annotated[str, typer.Option(help="Matrix storage: f32, f16, bf16 or q8_0.")] = "f16",
     tokenizer_from: Annotated[
         str | None,
         typer.Option(help="Copy the tokenizer from this .gguf (or named default) instead of tokenizer.json."),
     ] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a GGUF file cfsp wrote.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an output cfsp wrote.")] = False,
 ) -> None:
-    """Write a model as a GGUF file that llama.cpp runs, per-block FFN widths included."""
+    """Write a model for an inference engine, per-block FFN widths included: a GGUF file for
+    llama.cpp, or a DeciLM directory for vLLM."""
     from cfsp.export import export_gguf
 
-    if format != "gguf":
-        raise CfspError(f"unknown --format {format!r}; gguf is the one export format")
+    if format not in ("gguf", "vllm"):
+        raise CfspError(f"unknown --format {format!r}; choose gguf (llama.cpp) or vllm")
+    if format == "vllm":
+        from cfsp.export.vllm import export_vllm
+
+        export_vllm(model, out, overwrite=overwrite)
+        console.print(f"wrote [bold]{out}[/]; serve it with: vllm serve {out} --trust-remote-code")
+        return
     export_gguf(model, out, outtype, tokenizer_from=tokenizer_from, overwrite=overwrite)
     console.print(
         f"wrote [bold]{out}[/]; run it with llama.cpp, or: cfsp bench --engine llamacpp DENSE.gguf {out}"
