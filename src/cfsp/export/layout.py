@@ -74,8 +74,9 @@ def check_exportable(config: dict) -> DeciShape:
     if kind not in EXPORTABLE:
         why = _NOT_EXPORTABLE.get(kind, "llama.cpp runs per-layer FFN widths only for Llama-style blocks")
         raise CfspError(
-            f"cannot export a {str(kind).removesuffix('_text')} model to GGUF: {why}. Supported: {', '.join(EXPORTABLE)}; "
-            "serve this model with transformers (cfsp eval / cfsp bench) instead"
+            f"cannot export a {str(kind).removesuffix('_text')} model with per-block widths to GGUF: {why}. "
+            f"Supported: {', '.join(EXPORTABLE)}; prune with --uniform for a stock checkpoint that llama.cpp's "
+            "own converter handles (a .gguf or named default: cfsp convert it to a directory first)"
         )
     hidden, heads = int(config["hidden_size"]), int(config["num_attention_heads"])
     kv_heads = int(config.get("num_key_value_heads") or heads)
