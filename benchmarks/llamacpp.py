@@ -4,7 +4,10 @@ Prunes SmolLM2 at 50 % with cfsp's defaults, exports the dense and the pruned mo
 q8_0 GGUF files, then measures in llama.cpp (one run, the two models interleaved ABBA, batch 1):
 prefill of a 512-token prompt and greedy decode, with the parameter ceiling next to the speed-up;
 and WikiText-2 test perplexity of the f16 files through llama.cpp against the transformers models
-on the same token windows. Writes results/llamacpp_<model>.json and .md.
+on the same token windows. Writes results/llamacpp_<model>.json and .md. ``--uniform`` prunes to one
+width in every block and exports both models from directories, through llama.cpp's own converter
+for families without ``deci`` (Gemma-3: ``python benchmarks/llamacpp.py --model gemma3-270m
+--uniform``), writing results/llamacpp_<model>_uniform.*.
 """
 
 from __future__ import annotations
@@ -35,19 +38,27 @@ def main() -> None:
     parser.add_argument("--prompt-length", type=int, default=512)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--uniform", action="store_true", help="one width in every block (a stock checkpoint)"
+    )
     add_protocol_arguments(parser)
     args = parser.parse_args()
 
     setup = prepare(args.model, args.nsamples, args.seqlen, time_forward=False)
-    pruned, result = pruned_variant(setup, args.sparsity)
+    pruned, result = pruned_variant(setup, args.sparsity, uniform=args.uniform)
     windows = test_windows(setup.tokenizer, args.ppl_windows, args.ppl_seqlen)
     rows, quality = [], []
     with tempfile.TemporaryDirectory(prefix="cfsp-llamacpp-") as scratch:
         folder = Path(scratch)
         cfsp.save_pruned(pruned, setup.tokenizer, result, folder / "pruned")
+        dense_source = args.model
+        if args.uniform:  # the converter reads directories
+            setup.model.save_pretrained(folder / "dense")
+            setup.tokenizer.save_pretrained(folder / "dense")
+            dense_source = folder / "dense"
         files = {}
         for outtype in ("f16", "q8_0"):
-            files[("dense", outtype)] = export_gguf(args.model, folder / f"dense-{outtype}.gguf", outtype)
+            files[("dense", outtype)] = export_gguf(dense_source, folder / f"dense-{outtype}.gguf", outtype)
             files[("pruned", outtype)] = export_gguf(
                 folder / "pruned", folder / f"pruned-{outtype}.gguf", outtype
             )
@@ -80,15 +91,17 @@ def main() -> None:
         ppl=dict(split="wikitext2 test", windows=args.ppl_windows, seqlen=args.ppl_seqlen, rows=quality),
         speed=rows,
     )
-    write_json(RESULTS / f"llamacpp_{args.model}.json", payload)
+    stem = f"llamacpp_{args.model}" + ("_uniform" if args.uniform else "")
+    write_json(RESULTS / f"{stem}.json", payload)
+    how = "cfsp defaults, --uniform" if args.uniform else "cfsp defaults"
     lines = [
-        f"# {args.model} in llama.cpp: dense vs {args.sparsity:.0%} FFN-pruned (cfsp defaults)",
+        f"# {args.model} in llama.cpp: dense vs {args.sparsity:.0%} FFN-pruned ({how})",
         "",
         f"CPU, {rows[0]['threads']} threads, batch 1, median of {args.repeats} interleaved runs; "
         f"prefill of {args.prompt_length} tokens, {args.decode_tokens} greedy decode steps.",
         "",
         "| weights | file MB dense | pruned | prefill tok/s dense | pruned | x | decode tok/s dense | pruned | x "
-        "| ceiling |",
+        "| decode ceiling |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -98,7 +111,7 @@ def main() -> None:
             f"| {row['outtype']} | {row['file_bytes']['dense'] / 1e6:.0f} | {row['file_bytes']['pruned'] / 1e6:.0f} "
             f"| {d['prefill_tokens_per_s']:,.0f} | {p['prefill_tokens_per_s']:,.0f} | {r['prefill_speedup']:.2f} "
             f"| {d['decode_tokens_per_s']:,.1f} | {p['decode_tokens_per_s']:,.1f} | {r['decode_speedup']:.2f} "
-            f"| {row['param_ceiling']:.2f} |"
+            f"| {row['decode_ceiling']:.2f} |"
         )
     lines += [
         "",
@@ -111,7 +124,7 @@ def main() -> None:
         lines.append(
             f"| {q['model']} | {q['transformers_ppl']:.2f} | {q['llama_cpp_f16_ppl']:.2f} | {100 * q['rel_diff']:+.2f} % |"
         )
-    (RESULTS / f"llamacpp_{args.model}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,18 @@ def make_tiny_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def assert_llama_cpp_agrees(path, model, ids: torch.Tensor) -> None:
+    """llama.cpp running the GGUF ``path`` predicts the next tokens of ``ids`` [1, L] like ``model``
+    in transformers (>= 98 % top-1) with the perplexity within 1 %."""
+    from cfsp.llamacpp import perplexity, token_logits
+
+    with torch.no_grad():
+        reference = model(ids).logits
+    assert (token_logits(path, ids).argmax(-1) == reference.argmax(-1)).float().mean() >= 0.98
+    nll = torch.nn.functional.cross_entropy(reference[0, :-1], ids[0, 1:])
+    assert perplexity(path, ids) == pytest.approx(float(torch.exp(nll)), rel=0.01)
+
+
 def make_byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer (ids 4..259 are bytes) that needs no files."""
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import _byte_chars, make_tiny_model
+from conftest import _byte_chars, assert_llama_cpp_agrees, make_tiny_model
 from gguf import GGUFReader
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
@@ -235,13 +235,7 @@ def test_uniform_qwen3_goes_through_llama_cpps_converter_and_matches_transformer
     reader = GGUFReader(tmp_path / "q.gguf")
     assert reader.fields["general.architecture"].contents() == "qwen3"  # the converter's, not cfsp's deci
     assert reader.fields["qwen3.feed_forward_length"].contents() == result.widths[0]
-    ids = calib[:1]
-    with torch.no_grad():
-        reference = model(ids).logits
-    logits = token_logits(tmp_path / "q.gguf", ids)
-    assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.98
-    nll = torch.nn.functional.cross_entropy(reference[0, :-1], ids[0, 1:])
-    assert perplexity(tmp_path / "q.gguf", ids) == pytest.approx(float(torch.exp(nll)), rel=0.01)
+    assert_llama_cpp_agrees(tmp_path / "q.gguf", model, calib[:1])
 
 
 def test_missing_converter_is_one_line(tmp_path, monkeypatch):

@@ -178,12 +178,11 @@ def test_uniform_gemma3_runs_in_llama_cpp_through_its_own_converter(tmp_path):
     """The real Gemma-3-270M pruned with --uniform (streamed from safetensors), exported by llama.cpp's
     own converter: llama.cpp predicts the same next tokens on 64 WikiText-2 positions and gives the
     transformers perplexity within 1 %."""
+    from conftest import assert_llama_cpp_agrees
     from gguf import GGUFReader
 
     from cfsp.evaluation import wikitext_ids
     from cfsp.export import export_gguf
-    from cfsp.llamacpp import perplexity as llama_cpp_perplexity
-    from cfsp.llamacpp import token_logits
     from cfsp.streaming import prune_directory
 
     try:
@@ -200,10 +199,4 @@ def test_uniform_gemma3_runs_in_llama_cpp_through_its_own_converter(tmp_path):
     export_gguf(tmp_path / "uniform", tmp_path / "u.gguf", "f16", progress=False)
     assert GGUFReader(tmp_path / "u.gguf").fields["general.architecture"].contents() == "gemma3"
     model, _ = cfsp.load_pruned(tmp_path / "uniform", device="cpu")
-    ids = wikitext_ids(tokenizer)[:64].reshape(1, 64)
-    with torch.no_grad():
-        reference = model(ids).logits
-    logits = token_logits(tmp_path / "u.gguf", ids)
-    assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.98
-    nll = torch.nn.functional.cross_entropy(reference[0, :-1], ids[0, 1:])
-    assert llama_cpp_perplexity(tmp_path / "u.gguf", ids) == pytest.approx(float(torch.exp(nll)), rel=0.01)
+    assert_llama_cpp_agrees(tmp_path / "u.gguf", model, wikitext_ids(tokenizer)[:64].reshape(1, 64))
