@@ -63,6 +63,8 @@ def test_uniform_streams_like_in_memory(calib, tmp_path):
 def test_uniform_refuses_what_a_stock_checkpoint_cannot_hold(calib):
     with pytest.raises(cfsp.CfspError, match="--compensation refit"):
         cfsp.PruneConfig(method="flap", uniform=True)  # FLAP's mean bias
+    with pytest.raises(cfsp.CfspError, match="one exact width"):
+        cfsp.PruneConfig(uniform=True, rounding="budget")  # would hand leftover multiples to some blocks
     with pytest.raises(cfsp.CfspError, match="drop --allocation"):
         cfsp.PruneConfig(uniform=True, allocation="cfsp")
 

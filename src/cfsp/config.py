@@ -131,10 +131,13 @@ class PruneConfig:
             raise CfspError(f"batch size must be >= 1, got {self.batch_size}")
         if self.refit_damping < 0:
             raise CfspError(f"refit damping must be >= 0, got {self.refit_damping}")
-        if self.uniform and (self.compensation == "mean" or self.selection != "topk"):
+        if self.uniform and (
+            self.compensation == "mean" or self.selection != "topk" or self.rounding == "budget"
+        ):
             raise CfspError(
-                "--uniform writes a stock checkpoint, whose MLP has no bias and whose widths are exact: use "
-                "--compensation refit (solved without a bias) or none, and the default channel selection"
+                "--uniform writes a stock checkpoint, whose MLP has no bias and whose blocks share one exact "
+                "width: use --compensation refit (solved without a bias) or none, and the default channel "
+                "selection and rounding"
             )
         if self.sequential and self.preset == "reference":
             raise CfspError(
