@@ -235,7 +235,9 @@ def test_uniform_qwen3_goes_through_llama_cpps_converter_and_matches_transformer
     reader = GGUFReader(tmp_path / "q.gguf")
     assert reader.fields["general.architecture"].contents() == "qwen3"  # the converter's, not cfsp's deci
     assert reader.fields["qwen3.feed_forward_length"].contents() == result.widths[0]
-    assert_llama_cpp_agrees(tmp_path / "q.gguf", model, calib[:1])
+    from cfsp.evaluation import wikitext_ids
+
+    assert_llama_cpp_agrees(tmp_path / "q.gguf", model, wikitext_ids(tokenizer)[:64].reshape(1, 64))
 
 
 def test_missing_converter_is_one_line(tmp_path, monkeypatch):
