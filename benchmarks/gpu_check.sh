@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One short run on a machine with a CUDA GPU (under 8 minutes): prune SmolLM2 on cuda in bfloat16
 # and float32, compare the kept channels with the CPU float32 result block by block, time pruning
-# against one forward pass of the same tokens, and print the peak GPU memory; then the vLLM step
-# below. Needs `make install`; not yet run (no GPU was available where it was written).
+# against one forward pass of the same tokens, and print the peak GPU memory; then the recovery and
+# vLLM steps below. Needs `make install`; not yet run (no GPU was available where it was written).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -46,6 +46,43 @@ for dtype in ("bfloat16", "float32"):
     print(dtype, json.dumps(report[dtype]))
     del model
 print(json.dumps(report))
+PYTHON
+
+# Recovery at GPU scale: SmolLM2 pruned 50 % (defaults, and --compensation reconstruct), then MLP
+# fine-tuning + KD and IG-LoRA + KD on the instruction mix for a fixed number of steps of 16 x 256
+# tokens: the fraction of the WikiText-2 log-perplexity gap closed against the tokens seen.
+"$PY" - <<'PYTHON'
+import copy, json, math, tempfile, time
+import torch
+import cfsp
+from cfsp.evaluation import perplexity
+from cfsp.recovery import DEFAULT_LR, RecoveryConfig, load_recovery_data, recover
+
+dense, tokenizer = cfsp.load_model("smollm2", device="cuda", dtype="float32")
+calib = cfsp.calibration_windows(tokenizer, n=32, length=512, seed=0)
+data = load_recovery_data("instructions", tokenizer, 256)
+ppl = lambda m: perplexity(m, tokenizer, seqlen=512, limit=32, batch_size=8)["ppl"]
+dense_ppl = ppl(dense)
+rows = []
+for compensation in ("refit", "reconstruct"):
+    pruned = copy.deepcopy(dense)
+    start = time.perf_counter()
+    result = cfsp.prune(pruned, calib, 0.5, compensation=compensation, progress=False)
+    prune_s = time.perf_counter() - start
+    before = ppl(pruned)
+    for train, steps in (("mlp", 100), ("mlp", 400), ("lora", 400)):
+        config = RecoveryConfig(train=train, objective="kd", steps=steps, lr=DEFAULT_LR[train], batch_size=16,
+                                grad_accum=1, seqlen=256, warmup_steps=steps // 10, seed=0, logging_steps=50,
+                                save_steps=steps)
+        with tempfile.TemporaryDirectory() as checkpoints:
+            done = recover(copy.deepcopy(pruned), tokenizer, data, result.block_importance, config,
+                           output_dir=checkpoints, teacher=dense)
+        after = ppl(done.model)
+        gap = (math.log(before) - math.log(after)) / (math.log(before) - math.log(dense_ppl))
+        rows.append(dict(compensation=compensation, prune_s=round(prune_s, 1), train=train, steps=steps,
+                         tokens=done.tokens_seen, train_s=round(done.train_seconds, 1), ppl_dense=dense_ppl,
+                         ppl_before=before, ppl_after=after, gap_closed=round(gap, 4)))
+        print(json.dumps(rows[-1]), flush=True)
 PYTHON
 
 # vLLM: serve the dense SmolLM2 and its 50 % pruned `--format vllm` export (DeciLM layout, per-block

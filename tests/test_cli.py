@@ -50,6 +50,7 @@ def test_prune_prints_summary_and_saves(workspace):
         (["--seqlen", "100000"], "fewer than one window"),
         (["--bias-compensation"], "use --compensation mean"),
         (["--rounding", "up"], "unknown rounding"),
+        (["--compensation", "reconstruct", "--reconstruct-holdout", "0.9"], "reconstruct_holdout must be in"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(workspace, extra, message):
@@ -58,6 +59,16 @@ def test_bad_input_is_one_line_and_writes_nothing(workspace, extra, message):
     assert done.exit_code == 2
     assert message in done.output and "Traceback" not in done.output
     assert not out.exists()
+
+
+def test_reconstruction_prints_each_blocks_error_and_records_it(workspace):
+    out = workspace[0] / "reconstructed"
+    extra = ["--compensation", "reconstruct", "--reconstruct-epochs", "1", "--reconstruct-holdout", "0"]
+    done = _prune(workspace, "--out", str(out), "--nsamples", "16", *extra)
+    assert done.exit_code == 0, done.output
+    assert "reconstruction error" in done.output
+    plan = cfsp.read_plan(out)
+    assert plan["options"]["reconstruct_epochs"] == 1 and len(plan["reconstruction"]) == len(plan["widths"])
 
 
 def test_missing_model_is_one_line(workspace):

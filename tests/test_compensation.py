@@ -97,7 +97,7 @@ def test_refit_models_reload_identically_and_plans_cannot_replay_them(calib, tok
     reloaded, _ = cfsp.load_pruned(out)
     with torch.no_grad():
         assert torch.equal(reloaded(calib[:2]).logits, expected)
-    with pytest.raises(cfsp.CfspError, match="refit down_proj on calibration data"):
+    with pytest.raises(cfsp.CfspError, match="refit or trained the MLPs on calibration data"):
         cfsp.apply_plan(make_tiny_model("qwen2"), out)
 
 
@@ -118,9 +118,15 @@ def test_sequential_refit_and_bad_settings(calib):
     ):
         with pytest.raises(cfsp.CfspError, match=message):
             cfsp.prune(make_tiny_model("llama"), calib, 0.5, progress=False, **bad)
+    # statistics without Gram matrices: the refit collects them in its own second pass
     stats = calibrate(make_tiny_model("llama"), calib, progress=False)
-    with pytest.raises(cfsp.CfspError, match="second moments"):
-        cfsp.prune(make_tiny_model("llama"), calib, 0.5, compensation="refit", stats=stats, progress=False)
+    reused, fresh = make_tiny_model("llama"), make_tiny_model("llama")
+    cfsp.prune(reused, calib, 0.5, multiple=32, stats=stats, progress=False)
+    cfsp.prune(fresh, calib, 0.5, multiple=32, progress=False)
+    with torch.no_grad():
+        assert torch.equal(reused(calib[:2]).logits, fresh(calib[:2]).logits)
+    with pytest.raises(cfsp.CfspError, match="pass calib beside stats"):
+        cfsp.prune(make_tiny_model("llama"), None, 0.5, stats=stats, progress=False)
 
 
 @pytest.mark.parametrize("shape", [(3, 1), (7, 5), (64, 130), (40, 257)])

@@ -45,6 +45,7 @@ class BlockStats:
     gram: torch.Tensor | None = None  # [D, D] sum over tokens of x x^T, only with second_moments
     second_moments: bool = False
     keep_windows: bool = False  # per-window sums, which only the reference's FLAP statistic reads
+    mlp: MlpRecord | None = None  # the MLP's inputs and outputs, only while the block is being pruned
 
     def add_channels(self, act: torch.Tensor) -> None:
         """Record intermediate activations ``act`` [batch, seq, D]; one window per batch row.
@@ -88,6 +89,27 @@ class BlockStats:
         self.mae_sum += diff.abs().mean(-1).sum().item()
         self.tokens += a.shape[0]
         self.windows += x_in.shape[0]
+
+
+@dataclass
+class MlpRecord:
+    """One block's MLP activations per batch, for reconstructing the pruned MLP.
+
+    ``inputs``, ``outputs`` and ``block_outputs`` come from the stream the block runs on (the pruned
+    model's, when earlier blocks are already pruned); ``dense_outputs`` and ``dense_block_outputs``
+    from the dense model's own stream, kept beside it (``dense_stream``), else they are the same.
+    """
+
+    inputs: list[torch.Tensor] = field(default_factory=list)
+    outputs: list[torch.Tensor] = field(default_factory=list)
+    block_outputs: list[torch.Tensor] = field(default_factory=list)
+    dense_outputs: list[torch.Tensor] = field(default_factory=list)
+    dense_block_outputs: list[torch.Tensor] = field(default_factory=list)
+    first_call: tuple[torch.Tensor, tuple[tuple, dict]] | None = None  # the block's first batch and call
+
+    @property
+    def tokens(self) -> int:
+        return sum(x[..., 0].numel() for x in self.inputs)
 
 
 def symmetric_gram(x: torch.Tensor, strips: int = 4) -> torch.Tensor:
@@ -198,6 +220,8 @@ def calibrate(
     second_moments: bool = False,
     placement: InMemoryBlocks | None = None,
     window_stats: bool = True,
+    record_mlp: bool = False,
+    dense_stream: bool = False,
 ) -> list[BlockStats]:
     """One forward pass per block over ``windows`` [N, L]; returns one ``BlockStats`` per block.
 
@@ -207,6 +231,9 @@ def calibrate(
     per block, kept until the caller drops the stats). ``window_stats`` keeps per-window sums (the
     reference's FLAP statistic needs them; ``prune`` asks only then). ``placement`` onloads each block before it
     runs and offloads it after ``after_block``, so only one block's weights need be in memory.
+    ``record_mlp`` hands ``after_block`` the block's MLP activations (``stats.mlp``, dropped after
+    the call); ``dense_stream`` also runs the still-dense block on the dense model's own stream, kept
+    beside the modified one, so that a reconstruction can aim at the dense model's outputs.
     """
     placement = placement or InMemoryBlocks()
     if windows.ndim != 2 or windows.numel() == 0:
@@ -218,31 +245,68 @@ def calibrate(
     placement.after_capture()
     store = torch.device("cpu") if placement.offload_activations else None
     inputs = captured.hidden if store is None else [x.to(store) for x in captured.hidden]
+    dense_inputs = inputs if dense_stream else None
     all_stats: list[BlockStats] = []
     bar = tqdm(total=len(blocks), desc="calibrating blocks", unit="block", disable=not progress)
     started = time.perf_counter()
     with torch.inference_mode():
         for index, block in enumerate(blocks):
             placement.onload(index)
+            calls = captured.block_args[index]
             stats = BlockStats(second_moments=second_moments, keep_windows=window_stats)
-            hook = layouts.down_projection(block_mlp(block)).register_forward_pre_hook(
-                lambda _module, args, stats=stats: stats.add_channels(args[0])
-            )
+            record = MlpRecord() if record_mlp else None
+            hooks = [
+                layouts.down_projection(block_mlp(block)).register_forward_pre_hook(
+                    lambda _module, args, stats=stats: stats.add_channels(args[0])
+                )
+            ]
+            if record is not None:
+                hooks.append(_record_mlp(block, record.inputs, record.outputs, store))
             try:
-                outputs = _run_batches(block, inputs, captured.block_args[index], store, stats)
+                outputs = _run_batches(block, inputs, calls, store, stats)
             finally:
-                hook.remove()
+                for hook in hooks:
+                    hook.remove()
             _check_finite(stats, index)
+            dense_outputs = outputs
+            if record is not None:
+                record.block_outputs = outputs
+                record.dense_outputs, record.dense_block_outputs = record.outputs, outputs
+                if dense_inputs is not None and dense_inputs is not inputs:
+                    record.dense_outputs = []
+                    hook = _record_mlp(block, [], record.dense_outputs, store)
+                    try:
+                        dense_outputs = _run_batches(block, dense_inputs, calls, store)
+                    finally:
+                        hook.remove()
+                    record.dense_block_outputs = dense_outputs
+                record.first_call = (inputs[0], calls[0])
+                stats.mlp = record
             if after_block is not None and after_block(index, stats):
-                outputs = _run_batches(block, inputs, captured.block_args[index], store)
+                outputs = _run_batches(block, inputs, calls, store)
+            stats.mlp = None
             placement.offload(index)
             all_stats.append(stats)
             inputs = outputs
+            if dense_inputs is not None:
+                dense_inputs = dense_outputs
             rate = windows.numel() * (index + 1) / (time.perf_counter() - started)
             bar.set_postfix_str(f"{rate:,.0f} tok/s, peak {peak_memory_text()}", refresh=False)
             bar.update(1)
     bar.close()
     return all_stats
+
+
+def _record_mlp(
+    block: nn.Module, inputs: list[torch.Tensor], outputs: list[torch.Tensor], store: torch.device | None
+):
+    """Append the MLP's input and output of every batch to the lists (on ``store`` if given)."""
+
+    def hook(_module, args, out):
+        inputs.append(args[0] if store is None else args[0].to(store))
+        outputs.append(out if store is None else out.to(store))
+
+    return block_mlp(block).register_forward_hook(hook)
 
 
 def _run_batches(

@@ -22,7 +22,7 @@ import torch
 from cfsp.calibration import BlockStats
 from cfsp.errors import CfspError
 
-COMPENSATIONS = ("none", "mean", "refit")
+COMPENSATIONS = ("none", "mean", "refit", "reconstruct")  # reconstruct: cfsp.reconstruction, after the refit
 DEFAULT_DAMPING = 1e-4  # benchmarks/refit.py: 1e-5 and 1e-4 best, 1e-1 worse than no refit
 REFIT_MIN_TOKENS_PER_CHANNEL = 4
 log = logging.getLogger("cfsp")

@@ -27,6 +27,9 @@ FLUCTUATIONS = ("variance", "windows")
 REFERENCE_PRESET = dict(
     rounding="reference", selection="threshold", importance_scale="sum", fluctuation="windows"
 )
+RECONSTRUCT_TARGETS = ("mlp", "block")
+RECONSTRUCT_INPUTS = ("dense", "pruned")
+SCHEDULES = ("cosine", "constant")
 DEFAULT_PRESET = dict(rounding="budget", selection="topk", importance_scale="mean", fluctuation="variance")
 
 
@@ -61,11 +64,26 @@ class PruneConfig:
         None, "FLAP's statistic: variance, or the reference's per-window recurrence."
     )
     compensation: str | None = _option(
-        None, "none, mean (pruned channels' mean output in the bias) or refit (least squares)."
+        None,
+        "none, mean (pruned channels' mean output in the bias), refit (least squares) or reconstruct "
+        "(the refit, then each pruned MLP trained to the dense outputs).",
     )
     refit_damping: float = _option(
         DEFAULT_DAMPING, "Ridge damping of the refit, relative to the mean variance."
     )
+    reconstruct_epochs: int = _option(4, "reconstruct: passes over the calibration tokens per block.")
+    reconstruct_lr: float = _option(1e-3, "reconstruct: Adam learning rate.")
+    reconstruct_batch_tokens: int = _option(1024, "reconstruct: tokens per training step.")
+    reconstruct_target: str = _option(
+        "mlp", "reconstruct: aim at the dense MLP's output (mlp) or the dense block's output (block)."
+    )
+    reconstruct_inputs: str = _option(
+        "dense", "reconstruct: train on the dense model's MLP inputs, or the pruned model's (pruned)."
+    )
+    reconstruct_holdout: float = _option(
+        0.125, "reconstruct: share of calibration windows held out to pick the epoch and stop early."
+    )
+    reconstruct_schedule: str = _option("cosine", "reconstruct: learning-rate schedule, cosine or constant.")
     uniform: bool = _option(
         False,
         "Every block keeps the same width (one multiple): a stock checkpoint that every engine serves, "
@@ -101,7 +119,16 @@ class PruneConfig:
         self._check()
 
     def _check(self) -> None:
-        for name in ("sparsity", "temperature", "b", "c", "refit_damping"):
+        numbers = (
+            "sparsity",
+            "temperature",
+            "b",
+            "c",
+            "refit_damping",
+            "reconstruct_lr",
+            "reconstruct_holdout",
+        )
+        for name in numbers:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
                 raise CfspError(f"{name} must be a finite number, got {value}")
@@ -118,6 +145,9 @@ class PruneConfig:
             ("importance scale", self.importance_scale, IMPORTANCE_SCALES),
             ("fluctuation", self.fluctuation, FLUCTUATIONS),
             ("compensation", self.compensation, COMPENSATIONS),
+            ("reconstruction target", self.reconstruct_target, RECONSTRUCT_TARGETS),
+            ("reconstruction inputs", self.reconstruct_inputs, RECONSTRUCT_INPUTS),
+            ("learning-rate schedule", self.reconstruct_schedule, SCHEDULES),
         )
         for what, value, allowed in choices:
             if value not in allowed:
@@ -131,12 +161,23 @@ class PruneConfig:
             raise CfspError(f"batch size must be >= 1, got {self.batch_size}")
         if self.refit_damping < 0:
             raise CfspError(f"refit damping must be >= 0, got {self.refit_damping}")
+        for name in ("reconstruct_epochs", "reconstruct_batch_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise CfspError(f"{name} must be a whole number >= 1, got {value}")
+        if self.reconstruct_lr <= 0:
+            raise CfspError(f"reconstruct_lr must be > 0, got {self.reconstruct_lr}")
+        if not 0.0 <= self.reconstruct_holdout <= 0.5:
+            raise CfspError(
+                f"reconstruct_holdout must be in [0, 0.5] (a share of the calibration windows), got "
+                f"{self.reconstruct_holdout}"
+            )
         if self.uniform and (
             self.compensation == "mean" or self.selection != "topk" or self.rounding == "budget"
         ):
             raise CfspError(
                 "--uniform writes a stock checkpoint, whose MLP has no bias and whose blocks share one exact "
-                "width: use --compensation refit (solved without a bias) or none, and the default channel "
+                "width: use --compensation refit (solved without a bias), reconstruct or none, and the default channel "
                 "selection and rounding"
             )
         if self.sequential and self.preset == "reference":
@@ -183,7 +224,13 @@ class PruneConfig:
     def adds_bias(self) -> bool:
         """Whether the compensation writes a bias: the mean rule, and the refit's intercept (a uniform,
         stock output refits without one)."""
-        return self.compensation == "mean" or (self.compensation == "refit" and not self.uniform)
+        return self.compensation == "mean" or (
+            self.compensation in ("refit", "reconstruct") and not self.uniform
+        )
+
+    @property
+    def reconstructs(self) -> bool:
+        return self.compensation == "reconstruct"
 
     @property
     def needs_window_stats(self) -> bool:

@@ -114,9 +114,9 @@ def apply_plan(model: nn.Module, plan: dict | str | os.PathLike) -> nn.Module:
     if not isinstance(plan, dict):
         plan = read_plan(plan)
     check_plan(plan)
-    if plan.get("options", {}).get("compensation") == "refit":
+    if plan.get("options", {}).get("compensation") in ("refit", "reconstruct"):
         raise CfspError(
-            "this plan refit down_proj on calibration data, which the plan does not hold; "
+            "this plan refit or trained the MLPs on calibration data, which the plan does not hold; "
             "load the pruned directory itself (cfsp.load_pruned) instead of replaying the plan"
         )
     if ffn_widths(model) != plan.get("original_widths", ffn_widths(model)):

@@ -53,6 +53,18 @@ MLP_LAYOUTS = (
 )
 
 
+# A norm some families apply to the MLP's output before adding it to the residual stream (Gemma 2-4,
+# OLMo 2): block output = residual + norm(mlp(x)). Other families add the MLP output itself.
+POST_MLP_NORMS = ("post_feedforward_layernorm",)
+
+
+def post_mlp_norm(block: nn.Module) -> nn.Module | None:
+    """The norm between the block's MLP and its residual sum, if the family has one."""
+    return next(
+        (getattr(block, n) for n in POST_MLP_NORMS if isinstance(getattr(block, n, None), nn.Module)), None
+    )
+
+
 # Checkpoint names of the Llama-style layout (every family here keeps its blocks at model.layers;
 # the GGUF export reads these names from the files).
 BLOCKS = "model.layers"

@@ -22,6 +22,7 @@ from cfsp.models import (
     decoder_blocks,
     ffn_widths,
 )
+from cfsp.reconstruction import reconstruct_mlp
 from cfsp.scoring import ChannelInputs, block_importance, channel_scores
 from cfsp.surgery import apply_pruning, needs_bias, set_config_widths, slice_mlp
 
@@ -46,6 +47,7 @@ class PruneResult:
     calibration: dict | None = None
     seconds: float = 0.0
     down_biases: list[torch.Tensor] | None = None  # bias compensation added to down_proj, per block
+    reconstruction: list[dict] | None = None  # per reconstructed block: its loss before and after
 
     def to_plan(self) -> dict:
         """A JSON-ready description (kept channels as lists of ints)."""
@@ -79,8 +81,7 @@ def prune(
     """
     started = time.perf_counter()
     config = PruneConfig.from_options(config, **options)
-    sparsity, compensation = config.sparsity, config.compensation
-    refit = compensation == "refit"
+    sparsity = config.sparsity
     if config.sequential and calib is None:
         raise CfspError("sequential pruning needs calibration windows (pass calib / --calib-source)")
     check_supported(model)
@@ -118,7 +119,7 @@ def prune(
             batch_size=config.batch_size,
             after_block=score,
             progress=progress,
-            second_moments=refit and not config.sequential and not placement.streams,
+            second_moments=False,  # collected one block at a time in the second pass
             window_stats=config.needs_window_stats,
             placement=placement,
         )
@@ -133,18 +134,27 @@ def prune(
     keep, kept = _allocate(config, scores, importance, stats)
     kept = [k if k.numel() else s.argmax().view(1) for k, s in zip(kept, scores, strict=True)]
     check_realised(config, [k.numel() for k in kept], original)
-    if refit:
+    # The refit's fallback is decided before any second moment is collected.
+    base = config.compensation
+    if base in ("refit", "reconstruct"):
         fallback = "none" if config.uniform else "mean"  # a stock output has no bias to put the mean in
-        compensation = refit_or_mean(stats[0].tokens, max(k.numel() for k in kept), fallback)
-        refit = compensation == "refit"
+        base = refit_or_mean(stats[0].tokens, max(k.numel() for k in kept), fallback)
 
     placement.begin_output()
-    if config.sequential or (refit and placement.streams):  # streamed: no Gram matrices from pass one
-        kept, biases = _second_pass(model, calib, kept, config, compensation, progress, placement)
+    have_grams = all(s is not None and s.gram is not None for s in stats)  # e.g. a benchmark's reused pass
+    reconstruction = None
+    if config.sequential or config.reconstructs or (base == "refit" and not have_grams):
+        if calib is None:
+            raise CfspError(
+                f"compensation {config.compensation!r} takes a second pass over the calibration windows: "
+                "pass calib beside stats"
+            )
+        kept, biases, reconstruction = _second_pass(model, calib, kept, config, base, progress, placement)
     else:
-        biases = _surgery(model, kept, stats, compensation, config, placement)
+        biases = _surgery(model, kept, stats, base, config, placement)
     widths = [int(k.numel()) for k in kept]
-    done = replace(config, compensation=compensation)  # the refit may have fallen back to the mean
+    # The refit may have fallen back to the mean; reconstruction is recorded as such, from its start.
+    done = config if config.reconstructs else replace(config, compensation=base)
     return PruneResult(
         method=config.method,
         options=done.to_dict(),
@@ -160,6 +170,7 @@ def prune(
         calibration=calibration if importance is not None else None,
         seconds=time.perf_counter() - started,
         down_biases=biases,
+        reconstruction=reconstruction,
     )
 
 
@@ -303,24 +314,31 @@ def _second_pass(
     compensation: str,
     progress: bool,
     placement: InMemoryBlocks,
-) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
-    """Prune block by block in a second calibration pass; each block's Gram matrix lives only there.
+) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, list[dict] | None]:
+    """Prune block by block in a second calibration pass; each block's Gram matrix and activations
+    live only there.
 
     ``config.sequential``: re-choose each block's channels on the activations of the
     already-pruned blocks before it, so later blocks adapt to the error the earlier ones made.
     Widths stay as decided from the dense pass (allocation needs every block's importance first).
-    Otherwise the channels stay as decided and the next block sees the *dense* output: the
-    one-pass refit exactly, with one Gram matrix in memory at a time (streamed models).
+    Otherwise the channels stay as decided and the next block sees the *dense* output: the refit
+    from dense statistics, with one Gram matrix in memory at a time. ``compensation`` is the rule
+    applied when slicing (the refit, or its fallback); ``reconstruct`` then trains the sliced MLP.
     """
     rechoose = config.sequential
+    reconstruct = config.reconstructs
+    pruned_inputs = reconstruct and config.reconstruct_inputs == "pruned"
     widths = [k.numel() for k in decided]
     compensated = replace(config, compensation=compensation).adds_bias
     with_bias = needs_bias(model, compensated)
     kept: list[torch.Tensor] = list(decided)
     biases: list[torch.Tensor] | None = [] if compensated else None
+    reports: list[dict] = []
 
     def prune_block(index: int, stats: BlockStats) -> bool:
-        mlp = block_mlp(decoder_blocks(model)[index])
+        block = decoder_blocks(model)[index]
+        mlp = block_mlp(block)
+        full = layouts.mlp_width(mlp)
         if rechoose:
             kept[index] = alloc.top_channels(_block_scores(mlp, stats, config), widths[index])
         down = layouts.down_projection(mlp).weight
@@ -329,7 +347,9 @@ def _second_pass(
             biases.append(fix.bias)
         stats.gram = None  # D x D: free it as soon as the block is done
         slice_mlp(mlp, kept[index], fix.bias, with_bias=with_bias, down_weight=fix.weight)
-        return rechoose  # True: the next block sees this block's pruned output
+        if reconstruct and kept[index].numel() < full:  # a block that keeps every channel stays as it is
+            reports.append(_reconstruct(block, stats, index, config, progress).to_dict())
+        return rechoose or pruned_inputs  # True: the next block sees this block's pruned output
 
     calibrate(
         model,
@@ -340,6 +360,38 @@ def _second_pass(
         second_moments=compensation == "refit",
         window_stats=config.needs_window_stats,
         placement=placement,
+        record_mlp=reconstruct,
+        dense_stream=reconstruct and (pruned_inputs or rechoose),
     )
     set_config_widths(model.config, widths, with_bias, uniform=config.uniform)
-    return kept, biases
+    if reconstruct:
+        _log_reconstruction(reports)
+    return kept, biases, (reports if reconstruct else None)
+
+
+def _reconstruct(block: nn.Module, stats: BlockStats, index: int, config: PruneConfig, progress: bool):
+    return reconstruct_mlp(
+        block,
+        stats.mlp,
+        index,
+        epochs=config.reconstruct_epochs,
+        lr=config.reconstruct_lr,
+        batch_tokens=config.reconstruct_batch_tokens,
+        target=config.reconstruct_target,
+        holdout=config.reconstruct_holdout,
+        schedule=config.reconstruct_schedule,
+        progress=progress,
+    )
+
+
+def _log_reconstruction(reports: list[dict]) -> None:
+    if not reports:
+        return
+    key = "heldout" if reports[0]["heldout_before"] is not None else "loss"
+    before = sum(r[f"{key}_before"] for r in reports) / len(reports)
+    after = sum(r[f"{key}_after"] for r in reports) / len(reports)
+    kept_refit = sum(r["kept_refit"] for r in reports)
+    log.info(
+        f"reconstructed {len(reports)} MLPs: mean relative error {before:.4f} -> {after:.4f}"
+        f"{' (held-out windows)' if key == 'heldout' else ''}; {kept_refit} kept the refit"
+    )

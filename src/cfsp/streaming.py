@@ -199,7 +199,7 @@ def prune_directory(
     Gives the same kept channels, widths and weights as ``load_model`` + ``prune`` +
     ``save_pruned``, with only one block's weights in memory at a time. ``config`` and ``options``
     are ``prune``'s (a ``PruneConfig``, or the sparsity and keywords). With the refit compensation a second pass over the blocks collects each block's
-    Gram matrix just before it is refit, instead of holding them all until allocation.
+    Gram matrix just before it is refit, as in memory.
     """
     folder = Path(source).expanduser()
     check_streamable(folder)

@@ -54,6 +54,27 @@ def prune(
     refit_damping: Annotated[float, typer.Option(help=option_help("refit_damping"))] = DEFAULTS[
         "refit_damping"
     ],
+    reconstruct_epochs: Annotated[int, typer.Option(help=option_help("reconstruct_epochs"))] = DEFAULTS[
+        "reconstruct_epochs"
+    ],
+    reconstruct_lr: Annotated[float, typer.Option(help=option_help("reconstruct_lr"))] = DEFAULTS[
+        "reconstruct_lr"
+    ],
+    reconstruct_batch_tokens: Annotated[
+        int, typer.Option(help=option_help("reconstruct_batch_tokens"))
+    ] = DEFAULTS["reconstruct_batch_tokens"],
+    reconstruct_target: Annotated[str, typer.Option(help=option_help("reconstruct_target"))] = DEFAULTS[
+        "reconstruct_target"
+    ],
+    reconstruct_inputs: Annotated[str, typer.Option(help=option_help("reconstruct_inputs"))] = DEFAULTS[
+        "reconstruct_inputs"
+    ],
+    reconstruct_holdout: Annotated[float, typer.Option(help=option_help("reconstruct_holdout"))] = DEFAULTS[
+        "reconstruct_holdout"
+    ],
+    reconstruct_schedule: Annotated[str, typer.Option(help=option_help("reconstruct_schedule"))] = DEFAULTS[
+        "reconstruct_schedule"
+    ],
     reference: Annotated[
         bool,
         typer.Option("--reference", help="The reference preset: " + option_help("preset").split(": ", 1)[1]),
@@ -106,6 +127,13 @@ def prune(
         rounding=rounding,
         compensation=compensation,
         refit_damping=refit_damping,
+        reconstruct_epochs=reconstruct_epochs,
+        reconstruct_lr=reconstruct_lr,
+        reconstruct_batch_tokens=reconstruct_batch_tokens,
+        reconstruct_target=reconstruct_target,
+        reconstruct_inputs=reconstruct_inputs,
+        reconstruct_holdout=reconstruct_holdout,
+        reconstruct_schedule=reconstruct_schedule,
         uniform=uniform,
         sequential=sequential,
         allow_inexact=allow_inexact,

@@ -8,14 +8,30 @@ from rich.table import Table
 def summary_table(result) -> Table:
     """Per-block importance, keep fraction and width, as decided by ``prune``."""
     table = Table(title=f"{result.method}: per-block FFN widths", show_lines=False)
-    for column in ("block", "importance", "keep", "width", "of"):
+    reconstructed = {r["block"]: r for r in result.reconstruction or []}
+    columns = ("block", "importance", "keep", "width", "of") + (
+        ("reconstruction error",) * bool(reconstructed)
+    )
+    for column in columns:
         table.add_column(column, justify="right")
     importance = result.block_importance or [None] * len(result.widths)
     for i, (imp, keep, width, full) in enumerate(
         zip(importance, result.keep_fractions, result.widths, result.original_widths, strict=True)
     ):
-        table.add_row(str(i), "-" if imp is None else f"{imp:.4f}", f"{keep:.3f}", str(width), str(full))
+        row = [str(i), "-" if imp is None else f"{imp:.4f}", f"{keep:.3f}", str(width), str(full)]
+        if reconstructed:
+            row.append(_reconstruction_cell(reconstructed.get(i)))
+        table.add_row(*row)
     return table
+
+
+def _reconstruction_cell(report: dict | None) -> str:
+    """Relative error on the held-out windows (else the training ones): refit -> reconstructed."""
+    if report is None:
+        return "-"
+    key = "heldout" if report["heldout_before"] is not None else "loss"
+    kept = " (kept the refit)" if report["kept_refit"] else ""
+    return f"{report[f'{key}_before']:.4f} -> {report[f'{key}_after']:.4f}{kept}"
 
 
 def totals_table(result, cost: dict | None = None) -> Table:
