@@ -29,8 +29,13 @@ def _source(family, tmp_path, shard=False):
         dict(compensation="refit"),
         dict(sequential=True, offload_activations=True),
         dict(compensation="reconstruct", reconstruct_epochs=2, reconstruct_holdout=0.0),
-        dict(compensation="reconstruct", reconstruct_epochs=2, reconstruct_inputs="pruned", reconstruct_target="block",
-             offload_activations=True),  # fmt: skip
+        dict(
+            compensation="reconstruct",
+            reconstruct_epochs=2,
+            reconstruct_inputs="pruned",
+            reconstruct_target="block",
+            offload_activations=True,
+        ),  # fmt: skip
     ],
 )
 def test_streamed_pruning_equals_in_memory_pruning(family, calib, tmp_path, options):
