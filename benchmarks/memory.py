@@ -41,7 +41,9 @@ from cfsp.bench import forward_pass_seconds
 from cfsp.calibration import calibrate
 from cfsp.memory import peak_rss_bytes, pruning_cost
 name, n, length, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-_, tokenizer = cfsp.load_model("smollm2")
+from cfsp.models import load_tokenizer, resolve_gguf
+gguf = resolve_gguf("smollm2")  # any real tokenizer: its ids lie below Qwen's vocabulary too
+tokenizer = load_tokenizer(gguf.parent, gguf.name)
 calib = cfsp.calibration_windows(tokenizer, n=n, length=length, seed=0)
 
 def make():

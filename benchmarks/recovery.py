@@ -90,6 +90,7 @@ def main() -> None:
     add_protocol_arguments(parser)
     parser.set_defaults(ppl_windows=32, limit=200)
     parser.add_argument("--data", default="instructions")
+    parser.add_argument("--compensation", help="prune with this compensation (default: cfsp's)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rank", type=int, default=8)
@@ -108,7 +109,8 @@ def main() -> None:
     path = RESULTS / f"{args.name or f'recovery_{args.model}'}.json"
 
     setup = prepare(args.model, args.nsamples, args.seqlen, time_forward=False)
-    pruned, result = pruned_variant(setup, args.sparsity, method="cfsp")
+    compensation = {"compensation": args.compensation} if args.compensation else {}
+    pruned, result = pruned_variant(setup, args.sparsity, method="cfsp", **compensation)
     dense = setup.model
     del setup.stats
     rows: list[dict] = []
@@ -117,6 +119,7 @@ def main() -> None:
     for stored in (previous and previous["meta"], baselines):
         if stored and (
             stored["pruning"]["widths"] != result.widths
+            or stored["pruning"]["options"].get("compensation") != result.options["compensation"]
             or stored["ppl"]["windows"] != args.ppl_windows
             or stored["zero_shot_limit"] != args.limit
         ):

@@ -44,6 +44,7 @@ def test_documentation_python_snippets_run(page, monkeypatch, tmp_path):
     if page.name == "python.md":
         assert namespace["speed"]["param_ceiling"] > 1
         assert namespace["recovered"].steps == 20
+        assert namespace["reconstructed"].reconstruction
         assert namespace["config"].allocation == "global" and namespace["reference"].selection == "threshold"
 
 

@@ -38,7 +38,11 @@ def test_a_block_that_keeps_every_channel_is_left_as_it_is(calib):
 
 
 @pytest.mark.parametrize(
-    "variant", [dict(reconstruct_holdout=0.0), dict(reconstruct_target="block", reconstruct_inputs="pruned")]
+    "variant",
+    [
+        dict(reconstruct_holdout=0.0, reconstruct_inputs="dense", reconstruct_target="mlp"),
+        dict(),
+    ],  # and defaults
 )
 def test_reconstruction_never_ends_above_the_refit_and_freezes_the_rest(family, calib, variant):
     refit = make_tiny_model(family)
@@ -50,7 +54,7 @@ def test_reconstruction_never_ends_above_the_refit_and_freezes_the_rest(family, 
     for r in reports:
         watched = "heldout" if r["heldout_before"] is not None else "loss"  # what picks the epoch
         assert r[f"{watched}_after"] <= r[f"{watched}_before"] and r["epochs"] >= 1
-        assert r["target"] == variant.get("reconstruct_target", "mlp")  # both fixture blocks decompose
+        assert r["target"] == variant.get("reconstruct_target", "block")  # both fixture blocks decompose
     if variant.get("reconstruct_holdout") == 0.0:  # tiny random windows: held-out losses rarely improve
         assert any(not r["kept_refit"] for r in reports)  # some block did train
     trained = refit.state_dict()
@@ -135,3 +139,25 @@ def test_a_reconstructed_model_runs_in_llama_cpp(calib, tmp_path):
     cfsp.save_pruned(model, make_byte_tokenizer(), result, tmp_path / "m")
     export_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32", progress=False)
     assert_llama_cpp_agrees(tmp_path / "m.gguf", model, calib[:1])
+
+
+def test_the_outputs_passed_on_equal_a_rerun_of_the_reconstructed_block(family, calib, monkeypatch):
+    """Error-correcting reconstruction hands the next block residual + post(mlp(x)) instead of
+    running the block again; that must be the block's real output."""
+    import cfsp.pruning
+    from cfsp.calibration import run_block
+    from cfsp.reconstruction import block_outputs_after
+
+    errors = []
+
+    def checked(block, record):
+        fast = block_outputs_after(block, record)
+        hidden, call = record.first_call
+        slow = run_block(block, hidden, call)
+        errors.append(float((fast[0] - slow).abs().max() / slow.abs().max()))
+        return fast
+
+    monkeypatch.setattr(cfsp.pruning, "block_outputs_after", checked)
+    cfsp.prune(make_tiny_model(family), calib, 0.5, reconstruct_inputs="pruned", reconstruct_target="block",
+               reconstruct_holdout=0.0, **RECONSTRUCT)  # fmt: skip
+    assert errors and max(errors) < 1e-5

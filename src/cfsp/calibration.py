@@ -107,10 +107,6 @@ class MlpRecord:
     dense_block_outputs: list[torch.Tensor] = field(default_factory=list)
     first_call: tuple[torch.Tensor, tuple[tuple, dict]] | None = None  # the block's first batch and call
 
-    @property
-    def tokens(self) -> int:
-        return sum(x[..., 0].numel() for x in self.inputs)
-
 
 def symmetric_gram(x: torch.Tensor, strips: int = 4) -> torch.Tensor:
     """``x.T @ x`` for ``x`` [T, D], computing only the lower triangle's strips and mirroring them.
@@ -215,7 +211,7 @@ def calibrate(
     model: nn.Module,
     windows: torch.Tensor,
     batch_size: int = 8,
-    after_block: Callable[[int, BlockStats], bool] | None = None,
+    after_block: Callable[[int, BlockStats], bool | list[torch.Tensor]] | None = None,
     progress: bool = True,
     second_moments: bool = False,
     placement: InMemoryBlocks | None = None,
@@ -226,7 +222,8 @@ def calibrate(
     """One forward pass per block over ``windows`` [N, L]; returns one ``BlockStats`` per block.
 
     ``after_block(index, stats)`` may modify the block (sequential pruning); if it returns True the
-    block's outputs are recomputed so later blocks see the modified block. ``second_moments``
+    block's outputs are recomputed so later blocks see the modified block (or it returns them,
+    one tensor per batch, when it can compute them more cheaply). ``second_moments``
     also records each block's D x D Gram matrix of the down_proj input (for the refit; D^2 x 8 bytes
     per block, kept until the caller drops the stats). ``window_stats`` keeps per-window sums (the
     reference's FLAP statistic needs them; ``prune`` asks only then). ``placement`` onloads each block before it
@@ -282,7 +279,10 @@ def calibrate(
                     record.dense_block_outputs = dense_outputs
                 record.first_call = (inputs[0], calls[0])
                 stats.mlp = record
-            if after_block is not None and after_block(index, stats):
+            changed = after_block(index, stats) if after_block is not None else False
+            if isinstance(changed, list):  # the modified block's outputs, computed by the callback
+                outputs = changed
+            elif changed:
                 outputs = _run_batches(block, inputs, calls, store)
             stats.mlp = None
             placement.offload(index)

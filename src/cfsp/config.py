@@ -71,14 +71,14 @@ class PruneConfig:
     refit_damping: float = _option(
         DEFAULT_DAMPING, "Ridge damping of the refit, relative to the mean variance."
     )
-    reconstruct_epochs: int = _option(4, "reconstruct: passes over the calibration tokens per block.")
+    reconstruct_epochs: int = _option(2, "reconstruct: passes over the calibration tokens per block.")
     reconstruct_lr: float = _option(1e-3, "reconstruct: Adam learning rate.")
-    reconstruct_batch_tokens: int = _option(1024, "reconstruct: tokens per training step.")
+    reconstruct_batch_tokens: int = _option(256, "reconstruct: tokens per training step.")
     reconstruct_target: str = _option(
-        "mlp", "reconstruct: aim at the dense MLP's output (mlp) or the dense block's output (block)."
+        "block", "reconstruct: aim at the dense block's output (block) or the dense MLP's output (mlp)."
     )
     reconstruct_inputs: str = _option(
-        "dense", "reconstruct: train on the dense model's MLP inputs, or the pruned model's (pruned)."
+        "pruned", "reconstruct: train on the pruned model's MLP inputs (pruned) or the dense model's (dense)."
     )
     reconstruct_holdout: float = _option(
         0.125, "reconstruct: share of calibration windows held out to pick the epoch and stop early."

@@ -22,7 +22,7 @@ from cfsp.models import (
     decoder_blocks,
     ffn_widths,
 )
-from cfsp.reconstruction import reconstruct_mlp
+from cfsp.reconstruction import block_outputs_after, reconstruct_mlp
 from cfsp.scoring import ChannelInputs, block_importance, channel_scores
 from cfsp.surgery import apply_pruning, needs_bias, set_config_widths, slice_mlp
 
@@ -335,7 +335,7 @@ def _second_pass(
     biases: list[torch.Tensor] | None = [] if compensated else None
     reports: list[dict] = []
 
-    def prune_block(index: int, stats: BlockStats) -> bool:
+    def prune_block(index: int, stats: BlockStats) -> bool | list[torch.Tensor]:
         block = decoder_blocks(model)[index]
         mlp = block_mlp(block)
         full = layouts.mlp_width(mlp)
@@ -348,7 +348,10 @@ def _second_pass(
         stats.gram = None  # D x D: free it as soon as the block is done
         slice_mlp(mlp, kept[index], fix.bias, with_bias=with_bias, down_weight=fix.weight)
         if reconstruct and kept[index].numel() < full:  # a block that keeps every channel stays as it is
-            reports.append(_reconstruct(block, stats, index, config, progress).to_dict())
+            report = _reconstruct(block, stats, index, config, progress)
+            reports.append(report.to_dict())
+            if pruned_inputs and report.target == "block":  # output = residual + MLP: no rerun needed
+                return block_outputs_after(block, stats.mlp)
         return rechoose or pruned_inputs  # True: the next block sees this block's pruned output
 
     calibrate(

@@ -96,54 +96,91 @@ def reconstruct_mlp(
 
         before = _relative_error(predict, params, *train)
         held_before = _relative_error(predict, params, *heldout) if heldout else None
-        best, best_loss, trained_loss, ran = None, held_before if heldout else before, before, 0
-        steps_per_epoch = math.ceil(train[0].shape[0] / batch_tokens)
-        optimizer = torch.optim.Adam(params.values(), lr=lr)
-        total = max(1, epochs * steps_per_epoch)
-        cosine = schedule == "cosine"
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)) if cosine else 1.0
-        )
-        generator = torch.Generator().manual_seed(index)
-        bar = tqdm(
-            total=epochs,
-            desc=f"reconstructing block {index}",
-            unit="epoch",
-            leave=False,
-            disable=not progress,
-        )
-        worse = 0
-        for _ in range(epochs):
-            order = torch.randperm(train[0].shape[0], generator=generator).to(device)
-            for start in range(0, order.numel(), batch_tokens):
-                rows = order[start : start + batch_tokens]
-                y = train[1][rows]
-                loss = (predict(train[0][rows], params) - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-            ran += 1
-            trained_loss = _relative_error(predict, params, *train)
-            watched = _relative_error(predict, params, *heldout) if heldout else trained_loss
-            bar.set_postfix_str(f"loss {before:.4f} -> {trained_loss:.4f}", refresh=False)
-            bar.update(1)
-            if watched < best_loss:
-                best_loss, worse = watched, 0
-                best = {name: p.detach().clone() for name, p in params.items()}
-                best_train = trained_loss
-            else:
-                worse += 1
-                if heldout and worse >= PATIENCE:
-                    break
-        bar.close()
-    if best is None:  # never better than the refit: keep it
-        return BlockReconstruction(index, target, before, before, held_before, held_before, ran, True)
+        fit = _train(predict, params, train, heldout, before if heldout is None else held_before,
+                     epochs, lr, batch_tokens, schedule, index, progress)  # fmt: skip
+    if fit.best is None:  # never better than the refit: keep it
+        return BlockReconstruction(index, target, before, before, held_before, held_before, fit.epochs, True)
     for name, parameter in mlp.named_parameters():
-        parameter.copy_(best[name].to(parameter.dtype))
+        parameter.copy_(fit.best[name].to(parameter.dtype))
     return BlockReconstruction(
-        index, target, before, best_train, held_before, best_loss if heldout else None, ran, False
+        index,
+        target,
+        before,
+        fit.train_loss,
+        held_before,
+        fit.watched_loss if heldout else None,
+        fit.epochs,
+        False,
     )
+
+
+@dataclass
+class _Fit:
+    best: dict[str, torch.Tensor] | None  # the parameters of the best epoch, None if none beat the start
+    watched_loss: float  # the loss that picked it (held-out, else training)
+    train_loss: float
+    epochs: int
+
+
+def _train(
+    predict, params, train, heldout, start_loss, epochs, lr, batch_tokens, schedule, seed, progress
+) -> _Fit:
+    """Adam over shuffled tokens; after each epoch the held-out loss (else the training loss) keeps
+    the best parameters, and ``PATIENCE`` epochs without a better held-out loss stop the training."""
+    device = train[0].device
+    steps_per_epoch = math.ceil(train[0].shape[0] / batch_tokens)
+    optimizer = torch.optim.Adam(params.values(), lr=lr)
+    total = max(1, epochs * steps_per_epoch)
+    cosine = schedule == "cosine"
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)) if cosine else 1.0
+    )
+    generator = torch.Generator().manual_seed(seed)
+    fit = _Fit(best=None, watched_loss=start_loss, train_loss=float("nan"), epochs=0)
+    worse = 0
+    bar = tqdm(
+        total=epochs, desc=f"reconstructing block {seed}", unit="epoch", leave=False, disable=not progress
+    )
+    for _ in range(epochs):
+        order = torch.randperm(train[0].shape[0], generator=generator).to(device)
+        for first in range(0, order.numel(), batch_tokens):
+            rows = order[first : first + batch_tokens]
+            y = train[1][rows]
+            loss = (predict(train[0][rows], params) - y).pow(2).sum() / y.pow(2).sum().clamp_min(1e-30)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        fit.epochs += 1
+        train_loss = _relative_error(predict, params, *train)
+        watched = _relative_error(predict, params, *heldout) if heldout else train_loss
+        bar.set_postfix_str(f"error {start_loss:.4f} -> {watched:.4f}", refresh=False)
+        bar.update(1)
+        if watched < fit.watched_loss:
+            worse = 0
+            fit.best = {name: p.detach().clone() for name, p in params.items()}
+            fit.watched_loss, fit.train_loss = watched, train_loss
+        else:
+            worse += 1
+            if heldout and worse >= PATIENCE:
+                break
+    bar.close()
+    return fit
+
+
+def block_outputs_after(block: nn.Module, record: MlpRecord) -> list[torch.Tensor]:
+    """The block's outputs on the recorded batches with its MLP as it is now, without running
+    attention again: ``residual + post(mlp(x))``, the residual taken from the recorded run. Only for
+    blocks whose output has that form (``_adds_mlp_output``)."""
+    mlp, post = block_mlp(block), layouts.post_mlp_norm(block)
+    outputs = []
+    for x, m, y in zip(record.inputs, record.outputs, record.block_outputs, strict=True):
+        device = next(mlp.parameters()).device
+        added_before = post(m.to(device)) if post is not None else m.to(device)
+        new = mlp(x.to(device))
+        added_now = post(new) if post is not None else new
+        outputs.append((y.to(device) - added_before + added_now).to(y.device))
+    return outputs
 
 
 def _tokens(batches: list[torch.Tensor], device: torch.device) -> torch.Tensor:
