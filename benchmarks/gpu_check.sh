@@ -83,6 +83,13 @@ for compensation in ("refit", "reconstruct"):
                          tokens=done.tokens_seen, train_s=round(done.train_seconds, 1), ppl_dense=dense_ppl,
                          ppl_before=before, ppl_after=after, gap_closed=round(gap, 4)))
         print(json.dumps(rows[-1]), flush=True)
+# reconstruction on a bfloat16 model (its training runs on float32 copies of each MLP)
+half = copy.deepcopy(dense).to(torch.bfloat16)
+start = time.perf_counter()
+cfsp.prune(half, calib, 0.5, compensation="reconstruct", progress=False)
+print(json.dumps({"reconstruct_bfloat16_prune_s": round(time.perf_counter() - start, 1),
+                  "reconstruct_bfloat16_ppl": ppl(half.float()),
+                  "reconstruct_float32_ppl": rows[-1]["ppl_before"]}))
 PYTHON
 
 # vLLM: serve the dense SmolLM2 and its 50 % pruned `--format vllm` export (DeciLM layout, per-block

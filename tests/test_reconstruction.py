@@ -25,11 +25,12 @@ def test_a_block_that_keeps_every_channel_is_left_as_it_is(calib):
     model = make_tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     reports = []
+    config = cfsp.PruneConfig(compensation="reconstruct", reconstruct_target="mlp", reconstruct_holdout=0.25)
 
     def train(index, stats):
-        reports.append(reconstruct_mlp(decoder_blocks(model)[index], stats.mlp, index, epochs=2, lr=1e-3,
-                                       batch_tokens=256, target="mlp", holdout=0.25, schedule="cosine",
-                                       progress=False))  # fmt: skip
+        reports.append(
+            reconstruct_mlp(decoder_blocks(model)[index], stats.mlp, index, config, progress=False)
+        )
         return False
 
     calibrate(model, calib, after_block=train, progress=False, record_mlp=True)

@@ -348,7 +348,7 @@ def _second_pass(
         stats.gram = None  # D x D: free it as soon as the block is done
         slice_mlp(mlp, kept[index], fix.bias, with_bias=with_bias, down_weight=fix.weight)
         if reconstruct and kept[index].numel() < full:  # a block that keeps every channel stays as it is
-            report = _reconstruct(block, stats, index, config, progress)
+            report = reconstruct_mlp(block, stats.mlp, index, config, progress)
             reports.append(report.to_dict())
             if pruned_inputs and report.target == "block":  # output = residual + MLP: no rerun needed
                 return block_outputs_after(block, stats.mlp)
@@ -370,21 +370,6 @@ def _second_pass(
     if reconstruct:
         _log_reconstruction(reports)
     return kept, biases, (reports if reconstruct else None)
-
-
-def _reconstruct(block: nn.Module, stats: BlockStats, index: int, config: PruneConfig, progress: bool):
-    return reconstruct_mlp(
-        block,
-        stats.mlp,
-        index,
-        epochs=config.reconstruct_epochs,
-        lr=config.reconstruct_lr,
-        batch_tokens=config.reconstruct_batch_tokens,
-        target=config.reconstruct_target,
-        holdout=config.reconstruct_holdout,
-        schedule=config.reconstruct_schedule,
-        progress=progress,
-    )
 
 
 def _log_reconstruction(reports: list[dict]) -> None:

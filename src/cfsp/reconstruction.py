@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from cfsp import layouts
 from cfsp.calibration import MlpRecord, run_block
+from cfsp.config import PruneConfig
 from cfsp.models import block_mlp
 
 log = logging.getLogger("cfsp")
@@ -57,19 +58,11 @@ class BlockReconstruction:
 
 
 def reconstruct_mlp(
-    block: nn.Module,
-    record: MlpRecord,
-    index: int,
-    *,
-    epochs: int,
-    lr: float,
-    batch_tokens: int,
-    target: str,
-    holdout: float,
-    schedule: str,
-    progress: bool = True,
+    block: nn.Module, record: MlpRecord, index: int, config: PruneConfig, progress: bool = True
 ) -> BlockReconstruction:
-    """Train ``block``'s (already pruned) MLP on ``record``; its parameters change in place."""
+    """Train ``block``'s (already pruned) MLP on ``record`` as ``config``'s ``reconstruct_*``
+    options say; its parameters change in place."""
+    target, holdout = config.reconstruct_target, config.reconstruct_holdout
     mlp = block_mlp(block)
     post = layouts.post_mlp_norm(block) if target == "block" else None
     if target == "block" and not _adds_mlp_output(block, mlp, post, record):
@@ -96,8 +89,8 @@ def reconstruct_mlp(
 
         before = _relative_error(predict, params, *train)
         held_before = _relative_error(predict, params, *heldout) if heldout else None
-        fit = _train(predict, params, train, heldout, before if heldout is None else held_before,
-                     epochs, lr, batch_tokens, schedule, index, progress)  # fmt: skip
+        start = before if heldout is None else held_before
+        fit = _train(predict, params, train, heldout, start, config, index, progress)
     if fit.best is None:  # never better than the refit: keep it
         return BlockReconstruction(index, target, before, before, held_before, held_before, fit.epochs, True)
     for name, parameter in mlp.named_parameters():
@@ -123,15 +116,15 @@ class _Fit:
 
 
 def _train(
-    predict, params, train, heldout, start_loss, epochs, lr, batch_tokens, schedule, seed, progress
+    predict, params, train, heldout, start_loss: float, config: PruneConfig, seed: int, progress: bool
 ) -> _Fit:
     """Adam over shuffled tokens; after each epoch the held-out loss (else the training loss) keeps
     the best parameters, and ``PATIENCE`` epochs without a better held-out loss stop the training."""
-    device = train[0].device
+    device, epochs, batch_tokens = train[0].device, config.reconstruct_epochs, config.reconstruct_batch_tokens
     steps_per_epoch = math.ceil(train[0].shape[0] / batch_tokens)
-    optimizer = torch.optim.Adam(params.values(), lr=lr)
+    optimizer = torch.optim.Adam(params.values(), lr=config.reconstruct_lr)
     total = max(1, epochs * steps_per_epoch)
-    cosine = schedule == "cosine"
+    cosine = config.reconstruct_schedule == "cosine"
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)) if cosine else 1.0
     )
