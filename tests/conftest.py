@@ -81,6 +81,20 @@ def make_byte_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def bpe_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with one merge (llama.cpp refuses a BPE vocabulary without merges)."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for byte, char in enumerate(_byte_chars()[:255]):
+        vocab[char] = byte + 4
+    vocab["ab"] = 259
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
 def _byte_chars() -> list[str]:
     """The printable stand-in character of each byte, in byte order (GPT-2's byte-level map)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))

@@ -164,3 +164,18 @@ def test_refit_without_intercept_equals_lstsq_without_intercept():
     solution = torch.linalg.lstsq(flat[:, kept], flat @ down.T).solution  # [k, H]
     assert fix.bias is None
     assert torch.allclose(fix.weight, solution.T, atol=1e-8)
+
+
+@pytest.mark.parametrize("compensation", ["mean", "refit", "reconstruct"])
+def test_pruned_weights_can_be_trained_afterwards(calib, compensation):
+    """Slicing inside a calibration pass (inference mode) must still give ordinary parameters:
+    recovery trains them next."""
+    model = make_tiny_model("llama")
+    cfsp.prune(model, calib, 0.5, compensation=compensation, reconstruct_epochs=1, progress=False)
+    params = list(model.parameters())
+    assert not any(p.is_inference() for p in params)
+    loss = model(calib[:2], labels=calib[:2]).loss
+    loss.backward()
+    assert all(
+        p.grad is not None for p in cfsp.models.block_mlp(cfsp.models.decoder_blocks(model)[0]).parameters()
+    )

@@ -5,10 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import _byte_chars, assert_llama_cpp_agrees, make_tiny_model
+from conftest import assert_llama_cpp_agrees, bpe_tokenizer, make_tiny_model
 from gguf import GGUFReader
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
 
 import cfsp
 from cfsp.errors import CfspError
@@ -17,20 +15,6 @@ from cfsp.llamacpp import perplexity, token_logits
 from cfsp.models import count_parameters
 
 EXPORTABLE = ["llama", "mistral", "qwen2"]
-
-
-def bpe_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with one merge (llama.cpp refuses a BPE vocabulary without merges)."""
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
-    for byte, char in enumerate(_byte_chars()[:255]):
-        vocab[char] = byte + 4
-    vocab["ab"] = 259
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b")], unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    core.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
 
 
 def pruned_directory(family: str, folder, method: str = "flap", compensation: str = "refit"):

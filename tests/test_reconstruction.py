@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_byte_tokenizer, make_tiny_model
+from conftest import make_tiny_model
 
 import cfsp
 from cfsp.calibration import calibrate
@@ -131,13 +131,13 @@ def test_bad_reconstruction_options_are_one_line_errors(bad):
 
 @pytest.mark.llamacpp
 def test_a_reconstructed_model_runs_in_llama_cpp(calib, tmp_path):
-    from conftest import assert_llama_cpp_agrees
+    from conftest import assert_llama_cpp_agrees, bpe_tokenizer
 
     from cfsp.export import export_gguf
 
     model = make_tiny_model("llama")
     result = cfsp.prune(model, calib, 0.5, **RECONSTRUCT)
-    cfsp.save_pruned(model, make_byte_tokenizer(), result, tmp_path / "m")
+    cfsp.save_pruned(model, bpe_tokenizer(), result, tmp_path / "m")
     export_gguf(tmp_path / "m", tmp_path / "m.gguf", "f32", progress=False)
     assert_llama_cpp_agrees(tmp_path / "m.gguf", model, calib[:1])
 

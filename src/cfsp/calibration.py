@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from cfsp import layouts
 from cfsp.errors import CfspError
-from cfsp.memory import peak_memory_text
+from cfsp.memory import peak_memory_text, return_freed_memory
 from cfsp.models import block_mlp, decoder_blocks, statistics_device
 
 
@@ -290,6 +290,7 @@ def calibrate(
             inputs = outputs
             if dense_inputs is not None:
                 dense_inputs = dense_outputs
+            return_freed_memory()
             rate = windows.numel() * (index + 1) / (time.perf_counter() - started)
             bar.set_postfix_str(f"{rate:,.0f} tok/s, peak {peak_memory_text()}", refresh=False)
             bar.update(1)

@@ -3,6 +3,7 @@ benchmarks share."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import resource
 import sys
@@ -21,6 +22,16 @@ def _rss_bytes() -> int | None:
             return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def return_freed_memory() -> None:
+    """Hand the memory freed by a finished block back to the system. glibc keeps the freed chunks
+    of a fragmented heap: an in-memory prune of SmolLM2 grew ~25 MB per block per pass (peak 2.8 GB
+    against 1.6 GB with this after each block), a streamed 1B model ~50 MB per block."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def peak_rss_bytes() -> int:

@@ -14,19 +14,22 @@ from torch import nn
 from cfsp import layouts
 from cfsp.calibration import InMemoryBlocks
 from cfsp.compensation import Compensation
+from cfsp.memory import return_freed_memory
 from cfsp.models import block_mlp, decoder_blocks
 
 
 def _sliced_linear(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    new = torch.nn.utils.skip_init(  # no random init of weights that are overwritten at once
-        nn.Linear,
-        weight.shape[1],
-        weight.shape[0],
-        bias=bias is not None,
-        device=weight.device,
-        dtype=weight.dtype,
-    )
-    with torch.no_grad():
+    # Slicing also runs inside a calibration pass (inference mode), but the new parameters must be
+    # ordinary tensors: recovery trains them afterwards.
+    with torch.inference_mode(False), torch.no_grad():
+        new = torch.nn.utils.skip_init(  # no random init of weights that are overwritten at once
+            nn.Linear,
+            weight.shape[1],
+            weight.shape[0],
+            bias=bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
+        )
         new.weight.copy_(weight)
         if bias is not None:
             new.bias.copy_(bias)
@@ -116,4 +119,5 @@ def apply_pruning(
         fix = compensation_of(index, mlp) if compensation_of is not None else Compensation()
         slice_mlp(mlp, kept, fix.bias, with_bias=with_bias, down_weight=fix.weight)
         placement.offload(index)
+        return_freed_memory()
     set_config_widths(model.config, [int(k.numel()) for k in kept_channels], with_bias, uniform)
