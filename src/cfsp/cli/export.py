@@ -47,7 +47,13 @@ def export(
         str,
         typer.Option("--format", help="gguf (llama.cpp, ollama, LM Studio) or vllm (a DeciLM directory)."),
     ] = "gguf",
-    outtype: Annotated[str, typer.Option(help="Matrix storage: f32, f16, bf16 or q8_0.")] = "f16",
+    outtype: Annotated[
+        str,
+        typer.Option(
+            help="Matrix storage: f32, f16, bf16, q8_0, or a llama.cpp quantization (q4_k_m, q5_k_m, q6_k, "
+            "q4_0, ...) done by llama.cpp's own quantizer."
+        ),
+    ] = "f16",
     tokenizer_from: Annotated[
         str | None,
         typer.Option(help="Copy the tokenizer from this .gguf (or named default) instead of tokenizer.json."),

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +44,7 @@ from cfsp.export.layout import (
     tensor_plan,
     write_hyperparameters,
 )
+from cfsp.export.quantize import QUANT_TYPES, QuantizeReport, check_quant_type, run_quantizer
 from cfsp.export.source import ExportSource, open_source
 from cfsp.export.tokenizer import tokenizer_metadata
 from cfsp.outdir import StagedOutput
@@ -52,10 +53,13 @@ log = logging.getLogger("cfsp")
 __all__ = [
     "EXPORTABLE",
     "OUTTYPES",
+    "QUANT_TYPES",
+    "QuantizeReport",
     "check_exportable",
     "export_gguf",
     "llama3_rope_factors",
     "permute_rotary",
+    "quantize_gguf",
 ]
 
 
@@ -65,13 +69,18 @@ MARKER = "cfsp.version"  # a GGUF key that marks cfsp's own files (what --overwr
 # --------------------------------------------------------------------------- the export
 
 
+def _starts_with_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(4) == b"GGUF"
+    except OSError:
+        return False
+
+
 def is_cfsp_gguf(path: Path) -> bool:
     """Whether ``path`` is a GGUF file that cfsp wrote (the only kind --overwrite replaces)."""
     try:
-        with open(path, "rb") as handle:
-            if handle.read(4) != b"GGUF":
-                return False
-        return MARKER in gguf_module().GGUFReader(path).fields
+        return _starts_with_gguf(path) and MARKER in gguf_module().GGUFReader(path).fields
     except (OSError, ValueError):
         return False
 
@@ -86,40 +95,80 @@ def export_gguf(
 ) -> Path:
     """Write ``model`` (pruned directory, HF directory, named default or .gguf) as a GGUF file.
 
-    ``outtype``: f32, f16, bf16 or q8_0 (matrices; norms and biases stay float32). The file is
+    ``outtype``: f32, f16, bf16 or q8_0, written directly (matrices; norms and biases stay
+    float32), or one of ``QUANT_TYPES`` (q4_k_m, q5_k_m, q6_k, ...): an f16 file first, then
+    llama.cpp's quantizer; matrices it had to store in a fallback type are logged. The file is
     written under a reservation like every cfsp output and appears whole or not at all.
     """
-    if outtype not in OUTTYPES:
-        raise CfspError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    if outtype not in OUTTYPES and outtype not in QUANT_TYPES:
+        choices = ", ".join([*OUTTYPES, *QUANT_TYPES])
+        raise CfspError(f"unknown --outtype {outtype!r}; choose one of {choices}")
+    if outtype in QUANT_TYPES:
+        from cfsp.llamacpp import llama_cpp_module
+
+        llama_cpp_module()  # before any work: installed, or one line saying how
+    folder = Path(str(model)).expanduser()
+    staged = StagedOutput(out, overwrite, [model] if folder.exists() else [], own_file=is_cfsp_gguf)
+    write = _writer_of(model, tokenizer_from, progress)
+    with staged as path:
+        if outtype in OUTTYPES:
+            how = write(path, outtype)
+        else:
+            unquantized = path.parent / "unquantized.gguf"  # inside the staging folder
+            how = write(unquantized, "f16")
+            report = run_quantizer(unquantized, path, outtype)
+            unquantized.unlink()
+            how += f", quantized to {outtype} by llama.cpp; {report.summary()}"
+            if report.fallbacks:
+                log.warning(f"{out}: {report.summary()}")
+    log.info(f"wrote {out} {how}")
+    return Path(out)
+
+
+def quantize_gguf(
+    source: str | os.PathLike, out: str | os.PathLike, qtype: str, overwrite: bool = False
+) -> QuantizeReport:
+    """Quantize an f16/f32/bf16 GGUF file into ``qtype`` (one of ``QUANT_TYPES``) with llama.cpp's
+    quantizer: one unquantized export, many quantized files. Staged like every cfsp output."""
+    check_quant_type(qtype)
+    source = Path(source).expanduser()
+    if not _starts_with_gguf(source):
+        raise CfspError(f"{source} is not a GGUF file; write one with `cfsp export MODEL --out FILE.gguf`")
+    with StagedOutput(out, overwrite, [source], own_file=is_cfsp_gguf) as path:
+        report = run_quantizer(source, path, qtype)
+    log.info(f"wrote {out}, quantized to {qtype} by llama.cpp; {report.summary()}")
+    return report
+
+
+def _writer_of(model: str | os.PathLike, tokenizer_from, progress: bool) -> Callable[[Path, str], str]:
+    """The function that writes ``model`` as GGUF to a path in a direct type, checked up front.
+
+    One width in every block of a family cfsp's writer does not cover: the stock checkpoint, which
+    llama.cpp's own converter handles. Else cfsp's ``deci`` writer.
+    """
     folder = Path(str(model)).expanduser()
     if folder.is_dir() and (folder / "config.json").is_file():
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        if config.get("model_type") not in EXPORTABLE and len(set(layer_widths_from_config(config))) == 1:
-            return _export_upstream(folder, out, outtype, overwrite, config.get("model_type"))
-    gguf = gguf_module()
-    protect = [model] if Path(str(model)).expanduser().exists() else []
-    staged = StagedOutput(out, overwrite, protect, own_file=is_cfsp_gguf)
+        kind = config.get("model_type")
+        if kind not in EXPORTABLE and len(set(layer_widths_from_config(config))) == 1:
+
+            def convert(path: Path, outtype: str) -> str:
+                upstream.convert(folder, path, outtype)
+                return f"with llama.cpp's own converter (convert_hf_to_gguf.py, its {kind} architecture)"
+
+            return convert
     source = open_source(model, tokenizer_from)
     shape = check_exportable(source.config)
     plan = tensor_plan(source.weights, source.config, shape)
-    vocab_rows = source.weights.shape(layouts.EMBEDDINGS)[0]
-    tokenizer = tokenizer_metadata(source, vocab_rows)
-    with staged as path:
-        writer = gguf.GGUFWriter(path, ARCH)
+    tokenizer = tokenizer_metadata(source, source.weights.shape(layouts.EMBEDDINGS)[0])
+
+    def write(path: Path, outtype: str) -> str:
+        writer = gguf_module().GGUFWriter(path, ARCH)
         _write(writer, source, shape, plan, outtype, tokenizer, progress)
-    log.info(
-        f"wrote {out} as llama.cpp's deci architecture, cfsp's own writer ({shape.layers} blocks, FFN widths "
-        f"{min(shape.widths)}..{max(shape.widths)})"
-    )
-    return Path(out)
+        widths = f"{min(shape.widths)}..{max(shape.widths)}"
+        return f"as llama.cpp's deci architecture, cfsp's own writer ({shape.layers} blocks, FFN widths {widths})"
 
-
-def _export_upstream(folder: Path, out, outtype: str, overwrite: bool, kind: str | None) -> Path:
-    """One width in every block: the stock checkpoint, which llama.cpp's own converter handles."""
-    with StagedOutput(out, overwrite, [folder], own_file=is_cfsp_gguf) as path:
-        upstream.convert(folder, path, outtype)
-    log.info(f"wrote {out} with llama.cpp's own converter (convert_hf_to_gguf.py, its {kind} architecture)")
-    return Path(out)
+    return write
 
 
 def _write(
