@@ -3,8 +3,8 @@
 For one model: dense and pruned at each sparsity (cfsp defaults; ``--uniform`` for families that
 llama.cpp runs only with one width in every block, such as Gemma-3), each exported once as f16 and
 quantized by llama.cpp's own quantizer to each type. Pruned widths are multiples of 128 (cfsp's
-default) and, with ``--multiple-256``, also of 256, which K-quants need to keep ``ffn_down`` in
-the requested type. For every file: its size, WikiText-2 test perplexity through llama.cpp on the
+default) and, with ``--multiple-256``, also of 256 (K-quant types only), which K-quants need to
+keep ``ffn_down`` in the requested type. For every file: its size, WikiText-2 test perplexity through llama.cpp on the
 same windows, which matrices llama.cpp stored in a fallback type, and llama.cpp prefill and decode
 speed on this CPU (one sequence; every file timed once per round, rounds repeated, medians).
 Writes results/quantize_<model>.json and .md and a plot of perplexity against file size and
@@ -144,6 +144,8 @@ def main() -> None:
                 del pruned
             f16 = export_gguf(directory, directory.with_suffix(".f16.gguf"), "f16", progress=False)
             for outtype in args.types:
+                if multiple == 256 and "_k" not in outtype:
+                    continue  # the multiple of 256 matters only to K-quants
                 label = f"{name} {outtype}"
                 if outtype == "f16":
                     path, fallbacks, summary = f16, [], "-"
@@ -202,15 +204,21 @@ def main() -> None:
         f"{args.prompt_length} tokens, {args.decode_tokens} greedy decode steps, median of {args.rounds} rounds. "
         "Pareto: no other file is both smaller (or faster) and better.",
         "",
-        "| model | type | file MB | ppl | prefill tok/s | decode tok/s | Pareto size / speed | fallbacks |",
+        "| model | type | file MB | ppl | prefill tok/s | decode tok/s | Pareto size / speed | matrices in a fallback type |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         marks = f"{'yes' if r['pareto_size'] else '-'} / {'yes' if r['pareto_speed'] else '-'}"
         lines.append(
             f"| {r['model']} | {r['outtype']} | {r['file_mb']:.0f} | {r['ppl']:.2f} | {r['prefill_tokens_per_s']:,.0f} "
-            f"| {r['decode_tokens_per_s']:,.1f} | {marks} | {r['fallback_summary']} |"
+            f"| {r['decode_tokens_per_s']:,.1f} | {marks} | {len(r['fallbacks'])} |"
         )
+    lines += [
+        "",
+        "Which matrices llama.cpp stored in a fallback type (rows not a multiple of the type's block):",
+        "",
+    ]
+    lines += [f"- {r['label']}: {r['fallback_summary']}" for r in rows if r["fallbacks"]]
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     plot(rows, f"{args.model}: pruning x llama.cpp quantization", RESULTS / f"{stem}.png")
 

@@ -222,6 +222,12 @@ def test_uniform_qwen3_goes_through_llama_cpps_converter_and_matches_transformer
     from cfsp.evaluation import wikitext_ids
 
     assert_llama_cpp_agrees(tmp_path / "q.gguf", model, wikitext_ids(tokenizer)[:64].reshape(1, 64))
+    for overwrite in (False, True):  # quantized from the converter's file, marked as cfsp's: replaceable
+        export_gguf(tmp_path / "uniform", tmp_path / "q4.gguf", "q4_k_m", overwrite=overwrite, progress=False)
+    fields = GGUFReader(tmp_path / "q4.gguf").fields
+    assert fields["general.architecture"].contents() == "qwen3" and "cfsp.version" in fields
+    assert fields["general.file_type"].contents() == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q.gguf", "q4.gguf", "uniform"]
 
 
 def test_missing_converter_is_one_line(tmp_path, monkeypatch):

@@ -31,7 +31,7 @@ import torch
 from cfsp import layouts
 from cfsp.errors import CfspError
 from cfsp.export import upstream
-from cfsp.export.encoding import OUTTYPES, byte_shape, encode, gguf_module, storage_type
+from cfsp.export.encoding import MARKER, OUTTYPES, byte_shape, encode, gguf_module, storage_type
 from cfsp.export.layout import (
     ARCH,
     EXPORTABLE,
@@ -61,9 +61,6 @@ __all__ = [
     "permute_rotary",
     "quantize_gguf",
 ]
-
-
-MARKER = "cfsp.version"  # a GGUF key that marks cfsp's own files (what --overwrite may replace)
 
 
 # --------------------------------------------------------------------------- the export

@@ -15,6 +15,7 @@ log = logging.getLogger("cfsp")
 
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+MARKER = "cfsp.version"  # a GGUF key that marks cfsp's own files (what --overwrite may replace)
 
 
 def gguf_module():

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cfsp.errors import CfspError
+from cfsp.export.encoding import MARKER, gguf_module
 
 # --outtype -> llama.cpp's llama_ftype name. The IQ1/IQ2/IQ3 types need an importance matrix, which
 # cfsp does not write; TQ and MXFP types are for models trained for them.
@@ -33,6 +34,7 @@ QUANT_TYPES: dict[str, str] = {
     "q4_1": "MOSTLY_Q4_1",
     "q5_0": "MOSTLY_Q5_0",
     "q5_1": "MOSTLY_Q5_1",
+    "q8_0": "MOSTLY_Q8_0",  # `cfsp export` writes q8_0 itself; this is for quantize_gguf
     "q2_k": "MOSTLY_Q2_K",
     "q3_k_s": "MOSTLY_Q3_K_S",
     "q3_k_m": "MOSTLY_Q3_K_M",
@@ -96,15 +98,25 @@ def run_quantizer(source: Path, out: Path, qtype: str, threads: int | None = Non
     from cfsp.llamacpp import llama_cpp_module
 
     llama_cpp_module()  # installed, or one line saying how to install it
-    command = [sys.executable, "-m", "cfsp.export.quantize", str(source), str(out), qtype, str(threads or 0)]
+    from importlib import metadata
+
+    version = metadata.version("cfsp")
+    command = [
+        sys.executable,
+        "-m",
+        "cfsp.export.quantize",
+        str(source),
+        str(out),
+        qtype,
+        str(threads or 0),
+        version,
+    ]
     done = subprocess.run(command, capture_output=True, text=True)
     log = done.stderr + done.stdout
     if done.returncode != 0 or not out.is_file():
         lines = [line.strip() for line in log.splitlines() if line.strip()]
         why = next((line for line in reversed(lines) if "error" in line.lower()), lines[-1] if lines else "")
         raise CfspError(f"llama.cpp's quantizer could not write {qtype}: {why}")
-    from cfsp.export.encoding import gguf_module
-
     types = {t.name: t.tensor_type.name.lower() for t in gguf_module().GGUFReader(out).tensors}
     fallbacks = []
     for match in _FALLBACK_LINE.finditer(log):
@@ -115,8 +127,9 @@ def run_quantizer(source: Path, out: Path, qtype: str, threads: int | None = Non
     return QuantizeReport(qtype, fallbacks, types)
 
 
-def _run(source: str, out: str, qtype: str, threads: int) -> int:
-    """In the child process: call llama.cpp, its log going to stderr."""
+def _run(source: str, out: str, qtype: str, threads: int, version: str) -> int:
+    """In the child process: call llama.cpp, its log going to stderr. The output gets cfsp's
+    marker key (also when the input came from llama.cpp's converter), so --overwrite may replace it."""
     import llama_cpp
 
     @llama_cpp.llama_log_callback
@@ -127,8 +140,13 @@ def _run(source: str, out: str, qtype: str, threads: int) -> int:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_{QUANT_TYPES[qtype]}")
     params.nthread = threads
+    overrides = (llama_cpp.llama_model_kv_override * 2)()  # the last one, all zeros, ends the list
+    overrides[0].tag = llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR
+    overrides[0].key = MARKER.encode()
+    overrides[0].value.val_str = version.encode()[:127]
+    params.kv_overrides = overrides
     return int(llama_cpp.llama_model_quantize(source.encode(), out.encode(), ctypes.byref(params)))
 
 
 if __name__ == "__main__":
-    sys.exit(_run(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    sys.exit(_run(sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5]))
