@@ -112,8 +112,15 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.2, 0.35, 0.5])
+    parser.add_argument("--sparsities", type=float, nargs="*", default=[0.2, 0.35, 0.5])
     parser.add_argument("--types", nargs="+", default=list(TYPES))
+    parser.add_argument(
+        "--dense-types",
+        nargs="*",
+        default=["q3_k_m", "q2_k"],
+        help="types for the dense model only: dense files as small as the pruned ones, to compare with",
+    )
+    parser.add_argument("--tag", help="results file stem suffix")
     parser.add_argument("--uniform", action="store_true", help="one width in every block")
     parser.add_argument("--multiple-256", action="store_true", help="also prune to multiples of 256")
     parser.add_argument("--prompt-length", type=int, default=512)
@@ -143,7 +150,7 @@ def main() -> None:
                 widths = result.widths
                 del pruned
             f16 = export_gguf(directory, directory.with_suffix(".f16.gguf"), "f16", progress=False)
-            for outtype in args.types:
+            for outtype in args.types + (args.dense_types if sparsity is None else []):
                 if multiple == 256 and "_k" not in outtype:
                     continue  # the multiple of 256 matters only to K-quants
                 label = f"{name} {outtype}"
@@ -178,7 +185,7 @@ def main() -> None:
     front_size, front_speed = pareto(rows, "file_mb", True), pareto(rows, "decode", False)
     for row in rows:
         row["pareto_size"], row["pareto_speed"] = row["label"] in front_size, row["label"] in front_speed
-    stem = f"quantize_{args.model}"
+    stem = f"quantize_{args.model}" + (f"_{args.tag}" if args.tag else "")
     write_json(
         RESULTS / f"{stem}.json",
         dict(
