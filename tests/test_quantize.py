@@ -91,3 +91,26 @@ def test_a_failing_quantizer_is_one_line_and_leaves_nothing(tmp_path):
     with pytest.raises(CfspError, match="llama.cpp's quantizer could not write q4_k_m") as info:
         quantize_gguf(source, tmp_path / "out.gguf", "q4_k_m")
     assert "\n" not in str(info.value) and not (tmp_path / "out.gguf").exists()
+
+
+def test_a_real_llama_config_prunes_exports_and_quantizes(tmp_path):
+    """Llama-3.2-1B's published config (llama3 rope scaling, tied embeddings, its bos/eos ids),
+    shrunk in sizes: pruned, exported as q4_k_m, run in llama.cpp close to transformers."""
+    from real_models import make_real_model
+
+    from cfsp.llamacpp import perplexity
+
+    model = make_real_model("llama-3.2-1b", vocab=260)
+    calib = torch.randint(4, 260, (16, 64), generator=torch.Generator().manual_seed(0))
+    result = cfsp.prune(model, calib, 0.5, multiple=32, progress=False)
+    cfsp.save_pruned(model, bpe_tokenizer(), result, tmp_path / "m")
+    export_gguf(tmp_path / "m", tmp_path / "m.gguf", "q4_k_m", progress=False)
+    fields = GGUFReader(tmp_path / "m.gguf").fields
+    assert (
+        fields["general.file_type"].contents() == 15
+        and fields["deci.feed_forward_length"].contents() == result.widths
+    )
+    ids = torch.randint(4, 260, (1, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        nll = torch.nn.functional.cross_entropy(model(ids).logits[0, :-1], ids[0, 1:])
+    assert perplexity(tmp_path / "m.gguf", ids) == pytest.approx(float(torch.exp(nll)), rel=0.05)

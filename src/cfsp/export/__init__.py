@@ -66,18 +66,13 @@ __all__ = [
 # --------------------------------------------------------------------------- the export
 
 
-def _starts_with_gguf(path: Path) -> bool:
-    try:
-        with open(path, "rb") as handle:
-            return handle.read(4) == b"GGUF"
-    except OSError:
-        return False
-
-
 def is_cfsp_gguf(path: Path) -> bool:
     """Whether ``path`` is a GGUF file that cfsp wrote (the only kind --overwrite replaces)."""
     try:
-        return _starts_with_gguf(path) and MARKER in gguf_module().GGUFReader(path).fields
+        with open(path, "rb") as handle:
+            if handle.read(4) != b"GGUF":
+                return False
+        return MARKER in gguf_module().GGUFReader(path).fields
     except (OSError, ValueError):
         return False
 
@@ -101,9 +96,7 @@ def export_gguf(
         choices = ", ".join([*OUTTYPES, *QUANT_TYPES])
         raise CfspError(f"unknown --outtype {outtype!r}; choose one of {choices}")
     if outtype in QUANT_TYPES:
-        from cfsp.llamacpp import llama_cpp_module
-
-        llama_cpp_module()  # before any work: installed, or one line saying how
+        check_quant_type(outtype)  # before any work: llama.cpp installed, or one line saying how
     folder = Path(str(model)).expanduser()
     staged = StagedOutput(out, overwrite, [model] if folder.exists() else [], own_file=is_cfsp_gguf)
     write = _writer_of(model, tokenizer_from, progress)
@@ -127,10 +120,10 @@ def quantize_gguf(
 ) -> QuantizeReport:
     """Quantize an f16/f32/bf16 GGUF file into ``qtype`` (one of ``QUANT_TYPES``) with llama.cpp's
     quantizer: one unquantized export, many quantized files. Staged like every cfsp output."""
+    from cfsp.llamacpp import _check_gguf
+
     check_quant_type(qtype)
-    source = Path(source).expanduser()
-    if not _starts_with_gguf(source):
-        raise CfspError(f"{source} is not a GGUF file; write one with `cfsp export MODEL --out FILE.gguf`")
+    source = _check_gguf(source)
     with StagedOutput(out, overwrite, [source], own_file=is_cfsp_gguf) as path:
         report = run_quantizer(source, path, qtype)
     log.info(f"wrote {out}, quantized to {qtype} by llama.cpp; {report.summary()}")

@@ -88,16 +88,16 @@ class QuantizeReport:
 
 
 def check_quant_type(qtype: str) -> None:
+    """A type llama.cpp's quantizer offers, and llama.cpp installed: checked before any work."""
     if qtype not in QUANT_TYPES:
         raise CfspError(f"unknown quantization type {qtype!r}; choose one of {', '.join(QUANT_TYPES)}")
+    from cfsp.llamacpp import llama_cpp_module
+
+    llama_cpp_module()  # installed, or one line saying how to install it
 
 
 def run_quantizer(source: Path, out: Path, qtype: str, threads: int | None = None) -> QuantizeReport:
     """Quantize the f16/f32/bf16 GGUF ``source`` into ``out``, a path inside a staged output."""
-    check_quant_type(qtype)
-    from cfsp.llamacpp import llama_cpp_module
-
-    llama_cpp_module()  # installed, or one line saying how to install it
     from importlib import metadata
 
     version = metadata.version("cfsp")
