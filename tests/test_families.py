@@ -317,3 +317,23 @@ def test_fused_plain_and_hybrid_stream_like_in_memory_with_every_method(name, op
     reloaded, _ = cfsp.load_pruned(tmp_path / "out", device="cpu")
     with torch.no_grad():
         assert torch.equal(reloaded(calib[:2]).logits, model(calib[:2]).logits)
+
+
+@pytest.mark.parametrize("name", REAL_CONFIGS)
+def test_reconstruction_on_real_configs_trains_only_the_mlps(name, calib):
+    """Every published layout (fused gate/up, plain MLPs, post-MLP norms, per-layer settings):
+    reconstruction never ends above where it started and leaves everything outside the MLPs as it was."""
+    model = make_real_model(name)
+    before = {k: v.clone() for k, v in model.state_dict().items() if ".mlp." not in k}
+    result = cfsp.prune(
+        model, calib, 0.5, compensation="reconstruct", reconstruct_epochs=1, multiple=32, progress=False
+    )
+    assert result.reconstruction, "no block was reconstructed"
+    for r in result.reconstruction:
+        watched = "heldout" if r["heldout_before"] is not None else "loss"
+        assert r[f"{watched}_after"] <= r[f"{watched}_before"]
+    after = model.state_dict()
+    for key, value in before.items():
+        assert torch.equal(after[key], value), key
+    with torch.no_grad():
+        assert torch.isfinite(model(calib[:2]).logits).all()
