@@ -37,6 +37,8 @@ class BlockStats:
     cosine_sum: float = 0.0  # sum of 1 - cos(x_in, x_out)
     mse_sum: float = 0.0  # sum over tokens of mean squared change
     mae_sum: float = 0.0  # sum over tokens of mean absolute change
+    attention_angular_sum: float = 0.0  # sum of arccos(cos(x_in, x_in + attention)) / pi
+    mlp_angular_sum: float = 0.0  # sum of arccos(cos(x_in + attention, x_out)) / pi
     sum_sq: torch.Tensor | None = None  # [D] sum over tokens of x_j^2
     sum: torch.Tensor | None = None  # [D] sum over tokens of x_j
     window_sum: list[torch.Tensor] = field(default_factory=list)  # per window: [D] sum of x_j
@@ -74,21 +76,34 @@ class BlockStats:
             self.window_sum_sq.extend(per_window_sq.unbind(0))
             self.window_tokens.extend([act.shape[1]] * act.shape[0])
 
-    def add_block_io(self, x_in: torch.Tensor, x_out: torch.Tensor) -> None:
-        """Record how far the block moved each token's hidden state."""
+    def add_block_io(
+        self, x_in: torch.Tensor, x_out: torch.Tensor, attention: torch.Tensor | None = None
+    ) -> None:
+        """Record how far the block moved each token's hidden state; with ``attention`` (what the
+        attention sublayer added to the residual stream) also how far each sublayer moved it."""
         device = statistics_device(x_in.device)
         a = x_in.detach().to(device, torch.float64).flatten(0, -2)
         b = x_out.detach().to(device, torch.float64).flatten(0, -2)
         cos = torch.nn.functional.cosine_similarity(a, b, dim=-1).clamp(-1.0, 1.0)
-        angular = torch.arccos(cos) / math.pi
-        angular = torch.nan_to_num(angular, nan=0.5)  # the reference's convention for undefined cosines
+        angular = _angular(cos)
         diff = b - a
         self.angular_sum += angular.sum().item()
+        if attention is not None:
+            middle = a + attention.detach().to(device, torch.float64).flatten(0, -2)
+            cos_attention = torch.nn.functional.cosine_similarity(a, middle, dim=-1).clamp(-1.0, 1.0)
+            cos_mlp = torch.nn.functional.cosine_similarity(middle, b, dim=-1).clamp(-1.0, 1.0)
+            self.attention_angular_sum += _angular(cos_attention).sum().item()
+            self.mlp_angular_sum += _angular(cos_mlp).sum().item()
         self.cosine_sum += torch.nan_to_num(1.0 - cos, nan=1.0).sum().item()
         self.mse_sum += diff.pow(2).mean(-1).sum().item()
         self.mae_sum += diff.abs().mean(-1).sum().item()
         self.tokens += a.shape[0]
         self.windows += x_in.shape[0]
+
+
+def _angular(cos: torch.Tensor) -> torch.Tensor:
+    """Angular distance arccos(cos) / pi, 0.5 where the cosine is undefined (the reference's rule)."""
+    return torch.nan_to_num(torch.arccos(cos) / math.pi, nan=0.5)
 
 
 @dataclass
@@ -259,8 +274,11 @@ def calibrate(
             ]
             if record is not None:
                 hooks.append(_record_mlp(block, record.inputs, record.outputs, store))
+            attention: list[torch.Tensor] = []
+            if layouts.has_attention(block):
+                hooks.append(_record_attention(block, attention))
             try:
-                outputs = _run_batches(block, inputs, calls, store, stats)
+                outputs = _run_batches(block, inputs, calls, store, stats, attention)
             finally:
                 for hook in hooks:
                     hook.remove()
@@ -310,14 +328,27 @@ def _record_mlp(
     return block_mlp(block).register_forward_hook(hook)
 
 
+def _record_attention(block: nn.Module, contributions: list[torch.Tensor]):
+    """Append what the attention sublayer adds to the residual stream, per batch: its output, or
+    its post-norm's where the family has one."""
+    module = layouts.post_attention_norm(block) or getattr(block, layouts.ATTENTION)
+
+    def hook(_module, _args, out):
+        contributions.append(out[0] if isinstance(out, tuple) else out)
+
+    return module.register_forward_hook(hook)
+
+
 def _run_batches(
     block: nn.Module,
     inputs: list[torch.Tensor],
     calls: list[tuple[tuple, dict]],
     store: torch.device | None,
     stats: BlockStats | None = None,
+    attention: list[torch.Tensor] | None = None,
 ) -> list[torch.Tensor]:
-    """The block's outputs for every batch (recording how it moved them into ``stats``).
+    """The block's outputs for every batch (recording how it moved them into ``stats``; with
+    ``attention``, filled by a hook, how far each sublayer moved them).
 
     With ``store`` (offloaded activations) each batch comes to the block's device just for its
     turn and its output goes back, so the device holds one batch, not all of them.
@@ -328,7 +359,7 @@ def _run_batches(
         here = x if store is None else x.to(device)
         y = run_block(block, here, call)
         if stats is not None:
-            stats.add_block_io(here, y)
+            stats.add_block_io(here, y, attention.pop() if attention else None)
         outputs.append(y if store is None else y.to(store))
     return outputs
 

@@ -89,6 +89,16 @@ class PruneConfig:
         "Every block keeps the same width (one multiple): a stock checkpoint that every engine serves, "
         "without per-block widths, remote code or MLP biases.",
     )
+    drop_attention: float = _option(
+        0,
+        "Attention sublayers to remove: a count (2) or a share of the blocks (0.1), those that turn the "
+        "residual stream least on the calibration tokens; their blocks keep the MLP.",
+    )
+    total_sparsity: float | None = _option(
+        None,
+        "Budget mode: the share of all parameters to remove; the FFN sparsity is derived from it after "
+        "the dropped attention sublayers are counted (replaces --sparsity).",
+    )
     sequential: bool = _option(False, "Score each block on the already-pruned blocks' outputs.")
     allow_inexact: bool = _option(False, "Warn instead of failing when the widths miss the sparsity.")
     batch_size: int = _option(8, "Windows per forward batch during calibration.")
@@ -127,6 +137,7 @@ class PruneConfig:
             "refit_damping",
             "reconstruct_lr",
             "reconstruct_holdout",
+            "drop_attention",
         )
         for name in numbers:
             value = getattr(self, name)
@@ -180,6 +191,32 @@ class PruneConfig:
                 "width: use --compensation refit (solved without a bias), reconstruct or none, and the default channel "
                 "selection and rounding"
             )
+        if self.drop_attention < 0 or (
+            self.drop_attention >= 1 and self.drop_attention != int(self.drop_attention)
+        ):
+            raise CfspError(
+                f"drop_attention must be a whole count (2) or a share of the blocks in (0, 1) (0.1), got "
+                f"{self.drop_attention}"
+            )
+        if self.drop_attention and self.uniform:
+            raise CfspError(
+                "--uniform writes a stock checkpoint, in which every block has its attention; drop "
+                "--drop-attention or --uniform"
+            )
+        if self.drop_attention and self.compensation == "reconstruct":
+            raise CfspError(
+                "--compensation reconstruct trains each MLP on the dense attention's outputs and cannot be "
+                "combined with --drop-attention; use --compensation refit"
+            )
+        if self.total_sparsity is not None and (
+            isinstance(self.total_sparsity, bool)
+            or not isinstance(self.total_sparsity, int | float)
+            or not 0.0 < self.total_sparsity < 1.0
+        ):
+            raise CfspError(
+                f"total_sparsity must be in (0, 1), got {self.total_sparsity}; e.g. 0.15 removes 15 % of all "
+                "parameters"
+            )
         if self.sequential and self.preset == "reference":
             raise CfspError(
                 "--sequential cannot be combined with --reference (the reference has no such mode)"
@@ -212,12 +249,13 @@ class PruneConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        """Activation-based scores, importance-based allocation and every compensation read the
-        calibration pass; Magnitude-SP without compensation needs none."""
+        """Activation-based scores, importance-based allocation, every compensation and attention
+        dropping read the calibration pass; Magnitude-SP without compensation needs none."""
         return (
             self.channel_metric in NEEDS_ACTIVATIONS
             or self.allocation == "cfsp"
             or self.compensation != "none"
+            or bool(self.drop_attention)
         )
 
     @property

@@ -131,5 +131,12 @@ def apply_plan(model: nn.Module, plan: dict | str | os.PathLike) -> nn.Module:
         return Compensation(bias=torch.tensor(biases[index], dtype=torch.float64) if biases else None)
 
     uniform = bool(plan.get("options", {}).get("uniform", False))
-    apply_pruning(model, kept, plan_bias, compensated=biases is not None, uniform=uniform)
+    apply_pruning(
+        model,
+        kept,
+        plan_bias,
+        compensated=biases is not None,
+        uniform=uniform,
+        dropped_attention=plan.get("dropped_attention", []),
+    )
     return model

@@ -55,7 +55,7 @@ MLP_LAYOUTS = (
 
 # A norm some families apply to the MLP's output before adding it to the residual stream (Gemma 2-4,
 # OLMo 2): block output = residual + norm(mlp(x)). Other families add the MLP output itself.
-POST_MLP_NORMS = ("post_feedforward_layernorm",)
+POST_MLP_NORMS = ("post_feedforward_layernorm", "post_mlp_layernorm")  # GLM-4: post_mlp_layernorm
 
 
 def post_mlp_norm(block: nn.Module) -> nn.Module | None:
@@ -63,6 +63,81 @@ def post_mlp_norm(block: nn.Module) -> nn.Module | None:
     return next(
         (getattr(block, n) for n in POST_MLP_NORMS if isinstance(getattr(block, n, None), nn.Module)), None
     )
+
+
+def post_attention_norm(block: nn.Module) -> nn.Module | None:
+    """The norm between the block's attention and its residual sum, if the family has one.
+
+    GLM-4 calls it ``post_self_attn_layernorm``. Gemma 2-4 and OLMo 2 call it
+    ``post_attention_layernorm``, which in Llama-style blocks is instead the MLP's pre-norm: it is
+    the attention's post-norm only where the MLP has a pre-norm of its own (Gemma) or the block
+    has no pre-norms at all (OLMo 2).
+    """
+    norm = getattr(block, "post_self_attn_layernorm", None)
+    if isinstance(norm, nn.Module):
+        return norm
+    norm = getattr(block, "post_attention_layernorm", None)
+    own_pre_norm = hasattr(block, "pre_feedforward_layernorm") or not hasattr(block, "input_layernorm")
+    return norm if isinstance(norm, nn.Module) and own_pre_norm else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention sublayers. A dropped one is replaced by ``NoAttention``, which adds nothing to the
+# residual stream, so the block computes x + mlp(norm(x)); the config says which blocks have none
+# as transformers' per-layer ``skip`` list (``per_layer_config: {"3": {"skip": ["self_attn"]}}``).
+
+ATTENTION = "self_attn"
+
+
+class NoAttention(nn.Module):
+    """Stands in for a dropped attention sublayer: its contribution is zero and it has no weights.
+
+    transformers reads the cache's length from its first layer and each mask's size from the first
+    layer of that kind, whichever blocks were dropped, so with a cache this sublayer stores a
+    placeholder of one number per token (the real sublayer stored ``2 x kv_heads x head_dim``).
+    llama.cpp and vLLM store nothing for it.
+    """
+
+    def __init__(self, layer_idx: int | None = None) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, *args, **kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and self.layer_idx is not None:
+            placeholder = hidden.new_zeros(hidden.shape[0], 1, hidden.shape[1], 1)
+            cache.update(placeholder, placeholder, self.layer_idx)
+        return torch.zeros_like(hidden), None
+
+
+def has_attention(block: nn.Module) -> bool:
+    """Whether the block has an attention sublayer cfsp can drop (hybrid models' linear-attention
+    layers have none)."""
+    attention = getattr(block, ATTENTION, None)
+    return isinstance(attention, nn.Module) and not isinstance(attention, NoAttention)
+
+
+def drop_attention(block: nn.Module) -> None:
+    """Remove the block's attention sublayer (its norms stay: some families share them with the MLP)."""
+    old = getattr(block, ATTENTION)
+    layer_idx = getattr(old, "layer_idx", None)
+    setattr(block, ATTENTION, NoAttention(layer_idx))
+
+
+def dropped_attention(config) -> list[int]:
+    """The blocks whose attention the config says is dropped."""
+    overrides = per_layer_overrides(config)
+    return sorted(i for i, values in overrides.items() if ATTENTION in (values.get("skip") or []))
+
+
+def set_dropped_attention(config, blocks: list[int]) -> None:
+    """Record the blocks without attention in ``per_layer_config``, keeping everything else."""
+    overrides = per_layer_overrides(config)
+    for index in blocks:
+        values = overrides.setdefault(int(index), {})
+        values["skip"] = sorted({*(values.get("skip") or []), ATTENTION})
+    _set_overrides(config, overrides)
 
 
 # Checkpoint names of the Llama-style layout (every family here keeps its blocks at model.layers;
@@ -204,11 +279,12 @@ def set_uniform_width(config, width: int) -> None:
 
 
 def homogeneous_config(config):
-    """A copy of ``config`` without cfsp's per-block widths, which the stock model class can build
-    (the family's own per-layer settings stay)."""
+    """A copy of ``config`` without cfsp's per-block widths and dropped sublayers, which the stock
+    model class can build (the family's own per-layer settings stay)."""
     plain = copy.deepcopy(config)
     overrides = per_layer_overrides(plain)
     for values in overrides.values():
         values.pop("intermediate_size", None)
+        values.pop("skip", None)
     _set_overrides(plain, overrides)
     return plain

@@ -46,6 +46,9 @@ def check_plan(plan, where: str | os.PathLike = PLAN_FILE) -> None:
             raise bad(f"block {block}: kept_channels must be {width} channel indices")
         if channels != sorted(set(channels)) or channels[0] < 0 or channels[-1] >= full:
             raise bad(f"block {block}: kept_channels must be distinct, ascending and below {full}")
+    dropped = plan.get("dropped_attention", [])
+    if not isinstance(dropped, list) or not all(_is_int(i) and 0 <= i < len(widths) for i in dropped):
+        raise bad(f"dropped_attention must be block indices below {len(widths)}")
     biases = plan.get("down_biases")
     if biases is not None:
         if not isinstance(biases, list) or len(biases) != len(widths):

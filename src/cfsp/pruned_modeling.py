@@ -7,23 +7,35 @@ copied, unchanged apart from a footer that names the class, into every saved pru
 installed, through the very code that ``cfsp.load_pruned`` uses.
 
 The per-block widths live in ``config.json`` as ``per_layer_config`` (``{"<i>": {"intermediate_size":
-w}}``, beside any per-layer settings the family has itself); ``mlp_bias: true`` means every MLP
+w}}``, beside any per-layer settings the family has itself), and a block whose attention was
+dropped has ``"skip": ["self_attn"]`` there; ``mlp_bias: true`` means every MLP
 projection has a bias (pruning with a compensation stores it in the down projection's bias).
 """
 
 from __future__ import annotations
 
-from .layouts import decoder_layers, homogeneous_config, layer_widths, resize_mlp
+from .layouts import (
+    decoder_layers,
+    drop_attention,
+    dropped_attention,
+    homogeneous_config,
+    layer_widths,
+    resize_mlp,
+)
 
 
 class PrunedModelMixin:
-    """Builds the stock model, then narrows each block's MLP to the width in the config."""
+    """Builds the stock model, then narrows each block's MLP to the width in the config and
+    removes the attention sublayers the config lists as skipped."""
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(homogeneous_config(config), *args, **kwargs)
         bias = bool(getattr(config, "mlp_bias", False))
-        for block, width in zip(decoder_layers(self), layer_widths(config), strict=True):
+        blocks = decoder_layers(self)
+        for block, width in zip(blocks, layer_widths(config), strict=True):
             resize_mlp(block.mlp, width, bias)
+        for index in dropped_attention(config):
+            drop_attention(blocks[index])
         self.config = config  # keep the per-layer widths so save_pretrained writes them back
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from cfsp.models import (
     ffn_widths,
 )
 from cfsp.reconstruction import block_outputs_after, reconstruct_mlp
-from cfsp.scoring import ChannelInputs, block_importance, channel_scores
+from cfsp.scoring import ChannelInputs, block_importance, channel_scores, sublayer_importance
 from cfsp.surgery import apply_pruning, needs_bias, set_config_widths, slice_mlp
 
 log = logging.getLogger("cfsp")
@@ -48,6 +48,9 @@ class PruneResult:
     seconds: float = 0.0
     down_biases: list[torch.Tensor] | None = None  # bias compensation added to down_proj, per block
     reconstruction: list[dict] | None = None  # per reconstructed block: its loss before and after
+    attention_importance: list[float] | None = None  # angular distance across each attention sublayer
+    mlp_importance: list[float] | None = None  # ... and across each MLP sublayer
+    dropped_attention: list[int] = field(default_factory=list)  # blocks whose attention was removed
 
     def to_plan(self) -> dict:
         """A JSON-ready description (kept channels as lists of ints)."""
@@ -81,7 +84,6 @@ def prune(
     """
     started = time.perf_counter()
     config = PruneConfig.from_options(config, **options)
-    sparsity = config.sparsity
     if config.sequential and calib is None:
         raise CfspError("sequential pruning needs calibration windows (pass calib / --calib-source)")
     check_supported(model)
@@ -100,6 +102,12 @@ def prune(
         raise CfspError(
             f"--uniform needs blocks of one FFN width, this model's differ ({min(original)}-{max(original)}, "
             "e.g. Gemma 4's double-wide layers); prune it without --uniform"
+        )
+    drop_count = attention_drop_count(model, config)
+    if config.total_sparsity is not None:  # a first check; the exact split follows the importance
+        eligible = [i for i, block in enumerate(blocks) if layouts.has_attention(block)]
+        config = replace(
+            config, sparsity=budget_sparsity(model, config.total_sparsity, eligible[:drop_count])
         )
     check_achievable(config, original)
     params_before = count_parameters(model)
@@ -130,6 +138,22 @@ def prune(
             score(index, stats[index])
             placement.offload(index)
     importance = block_importance(stats, config.block_metric) if wants_stats else None
+    attention_importance = mlp_importance = None
+    if wants_stats:
+        attention_importance, mlp_importance = sublayer_importance(stats)
+    dropped = choose_dropped_attention(blocks, attention_importance, drop_count)
+    if config.total_sparsity is not None:
+        config = replace(config, sparsity=budget_sparsity(model, config.total_sparsity, dropped))
+        check_achievable(config, original)
+        log.info(
+            f"budget: {config.total_sparsity} of all parameters = {len(dropped)} attention sublayers + FFN "
+            f"sparsity {config.sparsity:.4f}"
+        )
+    if dropped:
+        log.info(
+            f"dropping the attention of blocks {', '.join(map(str, dropped))} (angular importance "
+            f"{', '.join(f'{attention_importance[i]:.4f}' for i in dropped)})"
+        )
 
     keep, kept = _allocate(config, scores, importance, stats)
     kept = [k if k.numel() else s.argmax().view(1) for k, s in zip(kept, scores, strict=True)]
@@ -149,16 +173,18 @@ def prune(
                 f"compensation {config.compensation!r} takes a second pass over the calibration windows: "
                 "pass calib beside stats"
             )
-        kept, biases, reconstruction = _second_pass(model, calib, kept, config, base, progress, placement)
+        kept, biases, reconstruction = _second_pass(
+            model, calib, kept, config, base, progress, placement, dropped
+        )
     else:
-        biases = _surgery(model, kept, stats, base, config, placement)
+        biases = _surgery(model, kept, stats, base, config, placement, dropped)
     widths = [int(k.numel()) for k in kept]
     # The refit may have fallen back to the mean; reconstruction is recorded as such, from its start.
     done = config if config.reconstructs else replace(config, compensation=base)
     return PruneResult(
         method=config.method,
         options=done.to_dict(),
-        target_sparsity=float(sparsity),
+        target_sparsity=float(config.sparsity),
         realised_sparsity=1.0 - sum(widths) / sum(original),
         original_widths=original,
         widths=widths,
@@ -171,7 +197,72 @@ def prune(
         seconds=time.perf_counter() - started,
         down_biases=biases,
         reconstruction=reconstruction,
+        attention_importance=attention_importance,
+        mlp_importance=mlp_importance,
+        dropped_attention=dropped,
     )
+
+
+def attention_drop_count(model: nn.Module, config: PruneConfig) -> int:
+    """How many attention sublayers ``config.drop_attention`` removes from this model (a count, or a
+    share of its blocks with attention), checked before any work."""
+    if not config.drop_attention:
+        return 0
+    blocks = decoder_blocks(model)
+    eligible = sum(layouts.has_attention(block) for block in blocks)
+    value = config.drop_attention
+    count = int(value) if value >= 1 else round(value * eligible)
+    text_config = getattr(model.config, "get_text_config", lambda: model.config)()
+    if getattr(text_config, "num_kv_shared_layers", 0):
+        raise CfspError(
+            "this model's later blocks reuse the KV cache of earlier ones (num_kv_shared_layers), so an "
+            "attention sublayer cannot be dropped on its own; prune it without --drop-attention"
+        )
+    if count >= eligible:
+        raise CfspError(
+            f"--drop-attention {value} would remove {count} of the {eligible} attention sublayers; keep at "
+            f"least one (a count below {eligible}, or a share below 1)"
+        )
+    if count == 0:
+        log.warning(f"--drop-attention {value} of {eligible} attention sublayers rounds to none")
+    return count
+
+
+def choose_dropped_attention(blocks: nn.ModuleList, importance: list[float] | None, count: int) -> list[int]:
+    """The ``count`` blocks with attention whose attention sublayer turns the residual stream least."""
+    if count == 0:
+        return []
+    eligible = [i for i, block in enumerate(blocks) if layouts.has_attention(block)]
+    return sorted(sorted(eligible, key=lambda i: (importance[i], i))[:count])
+
+
+def budget_sparsity(model: nn.Module, total: float, dropped: list[int]) -> float:
+    """The FFN sparsity that, beside the dropped attention sublayers, removes ``total`` of all
+    parameters.
+
+    Every FFN channel of a block costs the same number of parameters (a row of each input
+    projection and a column of the down projection) and blocks share the hidden size, so the FFN's
+    share of the removal is spread over its channels; rounding widths to the multiple moves it
+    by at most one multiple overall.
+    """
+    blocks = decoder_blocks(model)
+
+    def size(module: nn.Module) -> int:
+        return sum(p.numel() for p in module.parameters())
+
+    attention = sum(size(getattr(blocks[i], layouts.ATTENTION)) for i in dropped)
+    ffn = sum(size(block_mlp(block)) for block in blocks)
+    everything = count_parameters(model)
+    sparsity = (total * everything - attention) / ffn
+    if not 0.0 < sparsity < 1.0:
+        reach = f"{attention / everything:.3f}" if sparsity <= 0 else f"{(attention + ffn) / everything:.3f}"
+        side = "at or above" if sparsity <= 0 else "below"
+        raise CfspError(
+            f"--total-sparsity {total}: the dropped attention sublayers alone remove {reach} of the "
+            f"parameters, {side} the target; "
+            + ("drop fewer attention sublayers or raise the target" if sparsity <= 0 else "lower the target")
+        )
+    return float(sparsity)
 
 
 SPARSITY_TOLERANCE = 0.02  # realised FFN sparsity may always differ from the request by this much
@@ -287,8 +378,10 @@ def _surgery(
     compensation: str,
     config: PruneConfig,
     placement: InMemoryBlocks,
+    dropped: list[int],
 ) -> list[torch.Tensor] | None:
-    """Slice every block to its kept channels with its compensation; returns the added biases."""
+    """Slice every block to its kept channels with its compensation, drop the chosen attention
+    sublayers; returns the added biases."""
     done = replace(config, compensation=compensation)
     biases = []
 
@@ -302,7 +395,15 @@ def _surgery(
         biases.append(fix.bias)
         return fix
 
-    apply_pruning(model, kept, compensation_of, placement, compensated=done.adds_bias, uniform=config.uniform)
+    apply_pruning(
+        model,
+        kept,
+        compensation_of,
+        placement,
+        compensated=done.adds_bias,
+        uniform=config.uniform,
+        dropped_attention=dropped,
+    )
     return biases if done.adds_bias else None
 
 
@@ -314,6 +415,7 @@ def _second_pass(
     compensation: str,
     progress: bool,
     placement: InMemoryBlocks,
+    dropped: list[int],
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, list[dict] | None]:
     """Prune block by block in a second calibration pass; each block's Gram matrix and activations
     live only there.
@@ -347,6 +449,8 @@ def _second_pass(
             biases.append(fix.bias)
         stats.gram = None  # D x D: free it as soon as the block is done
         slice_mlp(mlp, kept[index], fix.bias, with_bias=with_bias, down_weight=fix.weight)
+        if index in dropped:
+            layouts.drop_attention(block)
         if reconstruct and kept[index].numel() < full:  # a block that keeps every channel stays as it is
             report = reconstruct_mlp(block, stats.mlp, index, config, progress)
             reports.append(report.to_dict())
@@ -367,6 +471,7 @@ def _second_pass(
         dense_stream=reconstruct and (pruned_inputs or rechoose),
     )
     set_config_widths(model.config, widths, with_bias, uniform=config.uniform)
+    layouts.set_dropped_attention(model.config, dropped)
     if reconstruct:
         _log_reconstruction(reports)
     return kept, biases, (reports if reconstruct else None)

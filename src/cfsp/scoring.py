@@ -35,6 +35,15 @@ def block_importance(stats: list[BlockStats], metric: str = "angular") -> list[f
     return [float(BLOCK_METRICS[metric](s)) for s in stats]
 
 
+def sublayer_importance(stats: list[BlockStats]) -> tuple[list[float], list[float]]:
+    """Mean per-token angular distance across each block's attention sublayer and across its MLP
+    sublayer: how far each turns the residual stream (0 for a block without attention)."""
+    tokens = [max(s.tokens, 1) for s in stats]
+    attention = [s.attention_angular_sum / t for s, t in zip(stats, tokens, strict=True)]
+    mlp = [s.mlp_angular_sum / t for s, t in zip(stats, tokens, strict=True)]
+    return attention, mlp
+
+
 # ---------------------------------------------------------------------------------------------
 # Channel (fine) metrics.
 

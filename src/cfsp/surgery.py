@@ -6,7 +6,7 @@ per block and returns a smaller dense model.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import torch
 from torch import nn
@@ -104,8 +104,10 @@ def apply_pruning(
     placement: InMemoryBlocks | None = None,
     compensated: bool = False,
     uniform: bool = False,
+    dropped_attention: Collection[int] = (),
 ) -> None:
-    """The loop that slices a model: every block to its kept channels, then the config.
+    """The loop that slices a model: every block to its kept channels (and without its attention
+    where ``dropped_attention`` lists it), then the config.
 
     ``compensation_of(index, mlp)`` gives the block's down projection weight and bias to add (a
     refit, a mean bias or the plan's bias), computed while the block's dense weights are on the
@@ -118,6 +120,9 @@ def apply_pruning(
         mlp = block_mlp(block)
         fix = compensation_of(index, mlp) if compensation_of is not None else Compensation()
         slice_mlp(mlp, kept, fix.bias, with_bias=with_bias, down_weight=fix.weight)
+        if index in dropped_attention:
+            layouts.drop_attention(block)
         placement.offload(index)
         return_freed_memory()
     set_config_widths(model.config, [int(k.numel()) for k in kept_channels], with_bias, uniform)
+    layouts.set_dropped_attention(model.config, sorted(dropped_attention))

@@ -80,6 +80,10 @@ def prune(
         typer.Option("--reference", help="The reference preset: " + option_help("preset").split(": ", 1)[1]),
     ] = False,
     uniform: Annotated[bool, typer.Option("--uniform", help=option_help("uniform"))] = False,
+    drop_attention: Annotated[float, typer.Option(help=option_help("drop_attention"))] = DEFAULTS[
+        "drop_attention"
+    ],
+    total_sparsity: Annotated[float | None, typer.Option(help=option_help("total_sparsity"))] = None,
     sequential: Annotated[bool, typer.Option("--sequential", help=option_help("sequential"))] = False,
     allow_inexact: Annotated[
         bool, typer.Option("--allow-inexact", help=option_help("allow_inexact"))
@@ -135,6 +139,8 @@ def prune(
         reconstruct_holdout=reconstruct_holdout,
         reconstruct_schedule=reconstruct_schedule,
         uniform=uniform,
+        drop_attention=drop_attention,
+        total_sparsity=total_sparsity,
         sequential=sequential,
         allow_inexact=allow_inexact,
         batch_size=batch_size,

@@ -6,11 +6,17 @@ from rich.table import Table
 
 
 def summary_table(result) -> Table:
-    """Per-block importance, keep fraction and width, as decided by ``prune``."""
+    """Per-block importance, keep fraction and width, as decided by ``prune``; how far each
+    sublayer turns the residual stream, and which attention sublayers were dropped."""
     table = Table(title=f"{result.method}: per-block FFN widths", show_lines=False)
     reconstructed = {r["block"]: r for r in result.reconstruction or []}
-    columns = ("block", "importance", "keep", "width", "of") + (
-        ("reconstruction error",) * bool(reconstructed)
+    sublayers = result.attention_importance is not None
+    dropped = set(result.dropped_attention)
+    columns = (
+        ("block", "importance")
+        + ("attention", "mlp") * sublayers
+        + ("keep", "width", "of")
+        + (("reconstruction error",) * bool(reconstructed))
     )
     for column in columns:
         table.add_column(column, justify="right")
@@ -18,7 +24,11 @@ def summary_table(result) -> Table:
     for i, (imp, keep, width, full) in enumerate(
         zip(importance, result.keep_fractions, result.widths, result.original_widths, strict=True)
     ):
-        row = [str(i), "-" if imp is None else f"{imp:.4f}", f"{keep:.3f}", str(width), str(full)]
+        row = [str(i), "-" if imp is None else f"{imp:.4f}"]
+        if sublayers:
+            attention = f"{result.attention_importance[i]:.4f}" + (" dropped" if i in dropped else "")
+            row += [attention, f"{result.mlp_importance[i]:.4f}"]
+        row += [f"{keep:.3f}", str(width), str(full)]
         if reconstructed:
             row.append(_reconstruction_cell(reconstructed.get(i)))
         table.add_row(*row)
@@ -38,10 +48,18 @@ def totals_table(result, cost: dict | None = None) -> Table:
     table = Table(show_header=False, box=None)
     table.add_row("target FFN sparsity", f"{result.target_sparsity:.3f}")
     table.add_row("realised FFN sparsity", f"{result.realised_sparsity:.3f}")
+    if result.dropped_attention:
+        blocks = ", ".join(map(str, result.dropped_attention))
+        table.add_row("attention dropped", f"{len(result.dropped_attention)} sublayers (blocks {blocks})")
     table.add_row("parameters before", f"{result.params_before:,}")
     table.add_row(
         "parameters after", f"{result.params_after:,} ({result.params_after / result.params_before:.3f}x)"
     )
+    if result.options.get("total_sparsity") is not None:
+        table.add_row(
+            "total sparsity",
+            f"{1 - result.params_after / result.params_before:.3f} (target {result.options['total_sparsity']})",
+        )
     table.add_row("pruning time", f"{result.seconds:.1f} s")
     if cost is not None:
         table.add_row("peak memory (process RSS)", f"{cost['peak_rss_bytes'] / 2**20:,.0f} MiB")
