@@ -37,6 +37,7 @@ from cfsp.export.layout import (
     EXPORTABLE,
     DeciShape,
     check_exportable,
+    dropped_attention_from_config,
     layer_widths_from_config,
     llama3_rope_factors,
     permute_rotary,
@@ -140,7 +141,8 @@ def _writer_of(model: str | os.PathLike, tokenizer_from, progress: bool) -> Call
     if folder.is_dir() and (folder / "config.json").is_file():
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         kind = config.get("model_type")
-        if kind not in EXPORTABLE and len(set(layer_widths_from_config(config))) == 1:
+        uniform = len(set(layer_widths_from_config(config))) == 1
+        if kind not in EXPORTABLE and uniform and not dropped_attention_from_config(config):
 
             def convert(path: Path, outtype: str) -> str:
                 upstream.convert(folder, path, outtype)

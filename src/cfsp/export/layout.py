@@ -7,6 +7,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -57,15 +58,22 @@ class DeciShape:
     head_dim: int
     widths: list[int]
     vocab: int
+    dropped_attention: tuple[int, ...] = ()  # blocks without attention: no heads, no KV cache
+
+    def head_counts(self, kv: bool = False) -> list[int]:
+        """Per-layer (KV) head counts; 0 for a block without attention, which deci skips."""
+        heads = self.kv_heads if kv else self.heads
+        return [0 if i in self.dropped_attention else heads for i in range(self.layers)]
 
 
 def layer_widths_from_config(config: dict) -> list[int]:
     """Per-block FFN widths of a config dict (a pruned directory's ``per_layer_config``, or uniform)."""
-    from types import SimpleNamespace
+    return layouts.layer_widths(SimpleNamespace(**config))
 
-    from cfsp.layouts import layer_widths
 
-    return layer_widths(SimpleNamespace(**config))
+def dropped_attention_from_config(config: dict) -> list[int]:
+    """Blocks of a config dict whose attention sublayer was dropped."""
+    return layouts.dropped_attention(SimpleNamespace(**config))
 
 
 def check_exportable(config: dict) -> DeciShape:
@@ -107,6 +115,7 @@ def check_exportable(config: dict) -> DeciShape:
         head_dim=head_dim,
         widths=widths,
         vocab=int(config["vocab_size"]),
+        dropped_attention=tuple(dropped_attention_from_config(config)),
     )
 
 
@@ -143,8 +152,8 @@ def write_hyperparameters(writer, config: dict, shape: DeciShape) -> None:
     writer.add_embedding_length(shape.hidden)
     writer.add_block_count(shape.layers)
     writer.add_feed_forward_length(list(shape.widths))
-    writer.add_head_count([shape.heads] * shape.layers)
-    writer.add_head_count_kv([shape.kv_heads] * shape.layers)
+    writer.add_head_count(shape.head_counts())
+    writer.add_head_count_kv(shape.head_counts(kv=True))
     writer.add_key_length(shape.head_dim)
     writer.add_value_length(shape.head_dim)
     writer.add_rope_dimension_count(shape.head_dim)
@@ -180,8 +189,13 @@ def tensor_plan(weights, config: dict, shape: DeciShape) -> list[tuple[str, str,
             if hf_name == layouts.LM_HEAD and config.get("tie_word_embeddings"):
                 continue
             plan.append((gguf_name, hf_name, None))
+    attention_only = {hf for hf, gguf in _BLOCK_TENSORS.items() if gguf.startswith("attn")}
+    unused = set()  # a dropped attention's pre-norm stays in the directory; deci has no place for it
     for i in range(shape.layers):
         for hf_part, gguf_part in _BLOCK_TENSORS.items():
+            if i in shape.dropped_attention and hf_part in attention_only:
+                unused |= {layouts.block_tensor(i, f"{hf_part}.{suffix}") for suffix in ("weight", "bias")}
+                continue
             for suffix in ("weight", "bias"):
                 hf_name = layouts.block_tensor(i, f"{hf_part}.{suffix}")
                 if hf_name not in keys:
@@ -194,7 +208,7 @@ def tensor_plan(weights, config: dict, shape: DeciShape) -> list[tuple[str, str,
                 elif gguf_part == "attn_k":
                     transform = lambda t: permute_rotary(t, shape.kv_heads)  # noqa: E731
                 plan.append((f"blk.{i}.{gguf_part}.{suffix}", hf_name, transform))
-    unknown = keys - {hf for _, hf, _ in plan} - {layouts.LM_HEAD}
+    unknown = keys - {hf for _, hf, _ in plan} - {layouts.LM_HEAD} - unused
     unknown = {k for k in unknown if not k.endswith("rotary_emb.inv_freq")}
     if unknown:
         raise CfspError(

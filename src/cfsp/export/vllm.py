@@ -10,6 +10,9 @@ flags vLLM reads: ``qkv_bias`` for Qwen2's q/k/v biases, ``attention_bias`` for 
 included), ``mlp_bias`` for the compensation bias in ``down_proj`` (every MLP projection then has
 one; cfsp writes zeros for gate and up). Where every width is a multiple of 256, ``ffn_mult`` is
 written too, for the nemotron-nas loaders of MLX-LM, SGLang and TensorRT-LLM, which read only it.
+A block whose attention was dropped is ``attention.no_op``: vLLM builds neither its attention nor
+its pre-attention norm (and allocates no KV cache for it), so that norm's weight is left out of
+the copied safetensors.
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ import os
 import shutil
 from pathlib import Path
 
+from cfsp import layouts
 from cfsp.errors import CfspError
-from cfsp.export.layout import EXPORTABLE, layer_widths_from_config
+from cfsp.export.layout import EXPORTABLE, dropped_attention_from_config, layer_widths_from_config
 from cfsp.outdir import StagedOutput
 
 CONFIG_FILE = "configuration_decilm.py"
@@ -89,13 +93,23 @@ def vllm_config(config: dict) -> dict:
     kv_heads = int(config.get("num_key_value_heads") or heads)
     hidden = int(config["hidden_size"])
     widths = layer_widths_from_config(config)
+    dropped = set(dropped_attention_from_config(config))
+    if 0 in dropped:
+        raise CfspError(
+            "cannot export for vLLM: its DeciLM starts the residual stream in the first block's attention, "
+            "which was dropped; serve this model with transformers or llama.cpp"
+        )
     whole = all(w % 256 == 0 for w in widths)
     blocks = []
-    for width in widths:
+    for index, width in enumerate(widths):
         ffn = {"no_op": False, "replace_with_linear": False, "intermediate_size": int(width)}
         if whole:
             ffn["ffn_mult"] = 1.5 * width / hidden  # DeciLM: round_up(int(2 * mult * hidden / 3), 256)
-        attention = {"no_op": False, "replace_with_linear": False, "n_heads_in_group": heads // kv_heads}
+        attention = {
+            "no_op": index in dropped,
+            "replace_with_linear": False,
+            "n_heads_in_group": heads // kv_heads,
+        }
         blocks.append({"attention": attention, "ffn": ffn})
     keep = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim",
             "vocab_size", "max_position_embeddings", "rms_norm_eps", "hidden_act", "rope_theta",
@@ -126,11 +140,33 @@ def export_vllm(model: str | os.PathLike, out: str | os.PathLike, overwrite: boo
             f"{model} is not a safetensors model directory; export a pruned directory (cfsp prune --out) "
             "or a Hugging Face directory (cfsp convert for a .gguf)"
         )
-    config = vllm_config(json.loads(config_path.read_text(encoding="utf-8")))
+    original = json.loads(config_path.read_text(encoding="utf-8"))
+    config = vllm_config(original)
+    # vLLM builds no pre-attention norm in a block without attention, so its weight must not be there
+    unused = {
+        layouts.block_tensor(i, "input_layernorm.weight") for i in dropped_attention_from_config(original)
+    }
     with StagedOutput(out, overwrite, [source]) as folder:
         for path in sorted(source.iterdir()):
-            if path.name in CARRIED or (path.suffix == ".safetensors" and path.is_file()):
+            if path.suffix == ".safetensors" and path.is_file() and unused:
+                _copy_without(path, folder / path.name, unused)
+            elif path.name == "model.safetensors.index.json" and unused:
+                index = json.loads(path.read_text(encoding="utf-8"))
+                index["weight_map"] = {k: v for k, v in index["weight_map"].items() if k not in unused}
+                (folder / path.name).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+            elif path.name in CARRIED or (path.suffix == ".safetensors" and path.is_file()):
                 shutil.copyfile(path, folder / path.name)
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (folder / CONFIG_FILE).write_text(CONFIGURATION_SOURCE, encoding="utf-8")
     return Path(out)
+
+
+def _copy_without(source: Path, target: Path, names: set[str]) -> None:
+    """Copy one safetensors file without the tensors ``names`` (one file in memory at a time)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(source, framework="pt") as handle:
+        metadata = handle.metadata() or {"format": "pt"}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys() if key not in names}
+    save_file(tensors, target, metadata=metadata)
