@@ -79,8 +79,9 @@ class BlockStats:
     def add_block_io(
         self, x_in: torch.Tensor, x_out: torch.Tensor, attention: torch.Tensor | None = None
     ) -> None:
-        """Record how far the block moved each token's hidden state; with ``attention`` (what the
-        attention sublayer added to the residual stream) also how far each sublayer moved it."""
+        """Record how far the block moved each token's hidden state, and how far each sublayer
+        moved it: ``attention`` is what the attention sublayer added to the residual stream (None:
+        the block has none)."""
         device = statistics_device(x_in.device)
         a = x_in.detach().to(device, torch.float64).flatten(0, -2)
         b = x_out.detach().to(device, torch.float64).flatten(0, -2)
@@ -88,7 +89,9 @@ class BlockStats:
         angular = _angular(cos)
         diff = b - a
         self.angular_sum += angular.sum().item()
-        if attention is not None:
+        if attention is None:  # a block without attention: the MLP turned the stream alone
+            self.mlp_angular_sum += angular.sum().item()
+        else:
             middle = a + attention.detach().to(device, torch.float64).flatten(0, -2)
             cos_attention = torch.nn.functional.cosine_similarity(a, middle, dim=-1).clamp(-1.0, 1.0)
             cos_mlp = torch.nn.functional.cosine_similarity(middle, b, dim=-1).clamp(-1.0, 1.0)
