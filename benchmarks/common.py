@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,8 @@ import torch
 import cfsp
 from cfsp.bench import forward_pass_seconds
 from cfsp.calibration import calibrate
-from cfsp.evaluation import perplexity
+from cfsp.evaluation import perplexity, wikitext_ids
+from cfsp.llamacpp import GreedyRunner, open_model
 from cfsp.memory import pruning_cost
 from cfsp.outdir import dumps, write_text_atomic
 
@@ -89,3 +91,35 @@ def write_json(path: Path, payload) -> None:
 
 def stamp() -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def test_windows(tokenizer, windows: int, seqlen: int) -> torch.Tensor:
+    ids = wikitext_ids(tokenizer)
+    return ids[: windows * seqlen].reshape(windows, seqlen)
+
+
+def speeds(
+    files: dict[str, Path], prompt_length: int, decode_tokens: int, rounds: int, flash_attn: bool = False
+) -> dict[str, dict]:
+    """Median prefill and decode tokens/s of each file; each round times every file once, in turn,
+    so that slow drifts of the machine spread over all of them."""
+    prompt = torch.randint(4, 1000, (1, prompt_length), generator=torch.Generator().manual_seed(0))
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in files}
+    threads = torch.get_num_threads()
+    for round_ in range(rounds + 1):  # round 0 warms up (page cache, llama.cpp's first-call work)
+        for name, path in files.items():
+            context = prompt_length + decode_tokens + 1
+            with open_model(path, context, threads=threads, flash_attn=flash_attn) as model:
+                runner = GreedyRunner(model)
+                prefill, decode = runner(prompt, decode_tokens)
+            if round_:
+                times[name].append((prefill, decode))
+    return {
+        name: dict(
+            prefill_tokens_per_s=prompt_length / statistics.median(p for p, _ in runs),
+            decode_tokens_per_s=decode_tokens / statistics.median(d for _, d in runs),
+            threads=threads,
+            flash_attn=flash_attn,
+        )
+        for name, runs in times.items()
+    }

@@ -17,48 +17,25 @@ against decode speed with the Pareto front (results/quantize_<model>.png).
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 from pathlib import Path
 
-import torch
-from common import RESULTS, add_protocol_arguments, prepare, pruned_variant, stamp, write_json
+from common import (
+    RESULTS,
+    add_protocol_arguments,
+    prepare,
+    pruned_variant,
+    speeds,
+    stamp,
+    test_windows,
+    write_json,
+)
 
 import cfsp
-from cfsp.evaluation import wikitext_ids
 from cfsp.export import export_gguf, quantize_gguf
-from cfsp.llamacpp import GreedyRunner, open_model
 from cfsp.llamacpp import perplexity as llama_cpp_perplexity
 
 TYPES = ("f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m")
-
-
-def test_windows(tokenizer, windows: int, seqlen: int) -> torch.Tensor:
-    ids = wikitext_ids(tokenizer)
-    return ids[: windows * seqlen].reshape(windows, seqlen)
-
-
-def speeds(files: dict[str, Path], prompt_length: int, decode_tokens: int, rounds: int) -> dict[str, dict]:
-    """Median prefill and decode tokens/s of each file; each round times every file once, in turn,
-    so that slow drifts of the machine spread over all of them."""
-    prompt = torch.randint(4, 1000, (1, prompt_length), generator=torch.Generator().manual_seed(0))
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in files}
-    threads = torch.get_num_threads()
-    for round_ in range(rounds + 1):  # round 0 warms up (page cache, llama.cpp's first-call work)
-        for name, path in files.items():
-            with open_model(path, prompt_length + decode_tokens + 1, threads=threads) as model:
-                runner = GreedyRunner(model)
-                prefill, decode = runner(prompt, decode_tokens)
-            if round_:
-                times[name].append((prefill, decode))
-    return {
-        name: dict(
-            prefill_tokens_per_s=prompt_length / statistics.median(p for p, _ in runs),
-            decode_tokens_per_s=decode_tokens / statistics.median(d for _, d in runs),
-            threads=threads,
-        )
-        for name, runs in times.items()
-    }
 
 
 def pareto(rows: list[dict], cost: str, lower_cost_better: bool) -> set[str]:

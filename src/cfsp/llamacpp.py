@@ -44,9 +44,15 @@ def _check_gguf(path: str | os.PathLike) -> Path:
 
 @contextlib.contextmanager
 def open_model(
-    path: str | os.PathLike, n_ctx: int = 512, all_logits: bool = False, threads: int | None = None
+    path: str | os.PathLike,
+    n_ctx: int = 512,
+    all_logits: bool = False,
+    threads: int | None = None,
+    flash_attn: bool = False,
 ) -> Iterator:
-    """A loaded ``llama_cpp.Llama`` (closed on exit); ``all_logits`` keeps every position's logits."""
+    """A loaded ``llama_cpp.Llama`` (closed on exit); ``all_logits`` keeps every position's logits.
+    ``flash_attn``: llama.cpp's flash attention, without which it pads every layer's V cache to the
+    widest layer's (so blocks without attention would still hold a V cache)."""
     llama_cpp = llama_cpp_module()
     target = _check_gguf(path)
     try:
@@ -57,6 +63,7 @@ def open_model(
             n_ubatch=n_ctx,
             logits_all=all_logits,
             n_threads=threads or torch.get_num_threads(),
+            flash_attn=flash_attn,
             verbose=False,
         )
     except ValueError as exc:
