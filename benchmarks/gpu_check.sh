@@ -99,6 +99,9 @@ OUT=${OUT:-$(mktemp -d)}
 "$PY" -m cfsp.cli convert smollm2 --out "$OUT/dense" >/dev/null
 "$PY" -m cfsp.cli prune --model "$OUT/dense" --nsamples 32 --seqlen 512 --device cuda --out "$OUT/pruned" >/dev/null
 "$PY" -m cfsp.cli export "$OUT/pruned" --format vllm --out "$OUT/vllm"
+# the same with two attention sublayers dropped (attention.no_op blocks, no KV cache there)
+"$PY" -m cfsp.cli prune --model "$OUT/dense" --nsamples 32 --seqlen 512 --device cuda --drop-attention 2 --out "$OUT/dropped" >/dev/null
+"$PY" -m cfsp.cli export "$OUT/dropped" --format vllm --out "$OUT/vllm-dropped"
 python3 -m venv "$OUT/vllm-env" && "$OUT/vllm-env/bin/pip" install --quiet vllm
 "$OUT/vllm-env/bin/python" - "$OUT" <<'PYTHON'
 import json, sys, time
@@ -110,7 +113,8 @@ out = sys.argv[1]
 prompts = ["The capital of France is", "def fibonacci(n):", "Photosynthesis is the process", "Once upon a time"]
 greedy = SamplingParams(temperature=0.0, max_tokens=32)
 report = {}
-for name, folder, remote in (("dense", f"{out}/dense", False), ("pruned", f"{out}/vllm", True)):
+runs = (("dense", f"{out}/dense", False), ("pruned", f"{out}/vllm", True), ("dropped", f"{out}/vllm-dropped", True))
+for name, folder, remote in runs:
     llm = LLM(folder, trust_remote_code=remote, dtype="float32", gpu_memory_utilization=0.3, enforce_eager=True)
     texts = [o.outputs[0].text for o in llm.generate(prompts, greedy)]
     start = time.perf_counter()
@@ -119,15 +123,16 @@ for name, folder, remote in (("dense", f"{out}/dense", False), ("pruned", f"{out
     report[name] = {"decode_tokens_per_s": sum(len(o.outputs[0].token_ids) for o in done) / seconds, "texts": texts}
     del llm
     torch.cuda.empty_cache()
-# transformers on the same GPU, the pruned directory through cfsp's modeling file
+# transformers on the same GPU, the pruned directories through cfsp's modeling file
 tok = AutoTokenizer.from_pretrained(f"{out}/pruned")
-hf = AutoModelForCausalLM.from_pretrained(f"{out}/pruned", trust_remote_code=True, dtype=torch.float32).cuda()
-agree = []
-for prompt, text in zip(prompts, report["pruned"]["texts"]):
-    ids = tok(prompt, return_tensors="pt").input_ids.cuda()
-    ours = tok.decode(hf.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:], skip_special_tokens=True)
-    agree.append(ours == text)
-report["pruned_greedy_agrees_with_transformers"] = agree
-report["decode_speedup"] = report["pruned"]["decode_tokens_per_s"] / report["dense"]["decode_tokens_per_s"]
+for name in ("pruned", "dropped"):
+    hf = AutoModelForCausalLM.from_pretrained(f"{out}/{name}", trust_remote_code=True, dtype=torch.float32).cuda()
+    agree = []
+    for prompt, text in zip(prompts, report[name]["texts"]):
+        ids = tok(prompt, return_tensors="pt").input_ids.cuda()
+        ours = tok.decode(hf.generate(ids, max_new_tokens=32, do_sample=False)[0, ids.shape[1]:], skip_special_tokens=True)
+        agree.append(ours == text)
+    report[f"{name}_greedy_agrees_with_transformers"] = agree
+    report[f"{name}_decode_speedup"] = report[name]["decode_tokens_per_s"] / report["dense"]["decode_tokens_per_s"]
 print(json.dumps(report, indent=1))
 PYTHON

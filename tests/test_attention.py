@@ -219,6 +219,25 @@ def test_budget_mode_removes_the_share_of_all_parameters():
         assert result.options["total_sparsity"] == 0.3
 
 
+def test_auto_tries_counts_under_the_budget_and_keeps_the_lowest_heldout_loss():
+    from cfsp.attention import search_candidates
+
+    assert (
+        search_candidates(30) == [0, 1, 2, 4]
+        and search_candidates(4) == [0, 1]
+        and search_candidates(2) == [0, 1]
+    )
+    model = make_tiny_model("llama")
+    result = cfsp.prune(
+        model, windows(), multiple=32, total_sparsity=0.3, drop_attention="auto", progress=False
+    )
+    tried = result.attention_search
+    assert [t["drop_attention"] for t in tried] == [0, 1]
+    best = min(tried, key=lambda t: (t["heldout_loss"], t["drop_attention"]))
+    assert len(result.dropped_attention) == best["drop_attention"] == result.options["drop_attention"]
+    assert all(t["heldout_loss"] > 0 for t in tried)
+
+
 def test_apply_plan_replays_the_dropped_attention(tmp_path):
     calib = windows()
     model = make_tiny_model("llama")
@@ -234,6 +253,8 @@ def test_apply_plan_replays_the_dropped_attention(tmp_path):
     [
         (dict(drop_attention=4), "keep at"),
         (dict(drop_attention=1.5), "whole count"),
+        (dict(drop_attention="most"), "or auto"),
+        (dict(drop_attention="auto"), "--total-sparsity"),
         (dict(drop_attention=1, uniform=True), "--uniform"),
         (dict(drop_attention=1, compensation="reconstruct"), "reconstruct"),
         (dict(total_sparsity=1.2), "total_sparsity must be in"),

@@ -48,12 +48,12 @@ def test_documentation_python_snippets_run(page, monkeypatch, tmp_path):
         assert namespace["config"].allocation == "global" and namespace["reference"].selection == "threshold"
 
 
-def test_the_python_page_documents_every_pruning_option():
+def test_the_python_page_documents_every_pruning_option_with_its_default():
     import dataclasses
 
     page = (ROOT / "docs" / "python.md").read_text(encoding="utf-8")
     for field in dataclasses.fields(cfsp.PruneConfig):
-        assert f"| `{field.name}` |" in page, field.name
+        assert f"| `{field.name}` | `{field.default!r}` |" in page, field.name
 
 
 def test_the_readme_stays_short():

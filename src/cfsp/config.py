@@ -89,10 +89,11 @@ class PruneConfig:
         "Every block keeps the same width (one multiple): a stock checkpoint that every engine serves, "
         "without per-block widths, remote code or MLP biases.",
     )
-    drop_attention: float = _option(
+    drop_attention: float | str = _option(
         0,
         "Attention sublayers to remove: a count (2) or a share of the blocks (0.1), those that turn the "
-        "residual stream least on the calibration tokens; their blocks keep the MLP.",
+        "residual stream least on the calibration tokens; their blocks keep the MLP. auto: with "
+        "--total-sparsity, try 0, 1, 2, 4, ... and keep the count with the lowest held-out loss.",
     )
     total_sparsity: float | None = _option(
         None,
@@ -137,7 +138,6 @@ class PruneConfig:
             "refit_damping",
             "reconstruct_lr",
             "reconstruct_holdout",
-            "drop_attention",
         )
         for name in numbers:
             value = getattr(self, name)
@@ -191,13 +191,7 @@ class PruneConfig:
                 "width: use --compensation refit (solved without a bias), reconstruct or none, and the default channel "
                 "selection and rounding"
             )
-        if self.drop_attention < 0 or (
-            self.drop_attention >= 1 and self.drop_attention != int(self.drop_attention)
-        ):
-            raise CfspError(
-                f"drop_attention must be a whole count (2) or a share of the blocks in (0, 1) (0.1), got "
-                f"{self.drop_attention}"
-            )
+        self._check_drop_attention()
         if self.drop_attention and self.uniform:
             raise CfspError(
                 "--uniform writes a stock checkpoint, in which every block has its attention; drop "
@@ -220,6 +214,27 @@ class PruneConfig:
         if self.sequential and self.preset == "reference":
             raise CfspError(
                 "--sequential cannot be combined with --reference (the reference has no such mode)"
+            )
+
+    def _check_drop_attention(self) -> None:
+        value = self.drop_attention
+        if value == "auto":
+            if self.total_sparsity is None:
+                raise CfspError(
+                    "--drop-attention auto chooses how a parameter budget is split between attention and "
+                    "FFN: give the budget with --total-sparsity"
+                )
+            return
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+            or value < 0
+            or (value >= 1 and value != int(value))
+        ):
+            raise CfspError(
+                f"drop_attention must be a whole count (2), a share of the blocks in (0, 1) (0.1) or auto, "
+                f"got {value}"
             )
 
     @classmethod

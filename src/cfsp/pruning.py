@@ -11,6 +11,7 @@ from torch import nn
 
 from cfsp import allocation as alloc
 from cfsp import layouts
+from cfsp.attention import attention_drop_count, budget_sparsity, choose_dropped_attention, search_drop_count
 from cfsp.calibration import BlockStats, InMemoryBlocks, calibrate
 from cfsp.compensation import Compensation, compensate, refit_or_mean
 from cfsp.config import PruneConfig
@@ -51,6 +52,7 @@ class PruneResult:
     attention_importance: list[float] | None = None  # angular distance across each attention sublayer
     mlp_importance: list[float] | None = None  # ... and across each MLP sublayer
     dropped_attention: list[int] = field(default_factory=list)  # blocks whose attention was removed
+    attention_search: list[dict] | None = None  # drop_attention="auto": each count tried, its loss
 
     def to_plan(self) -> dict:
         """A JSON-ready description (kept channels as lists of ints)."""
@@ -84,6 +86,16 @@ def prune(
     """
     started = time.perf_counter()
     config = PruneConfig.from_options(config, **options)
+    search = None
+    if config.drop_attention == "auto":
+        if placement is not None or calib is None:
+            raise CfspError(
+                "--drop-attention auto prunes copies of the model in memory with calibration windows; "
+                "load the model whole (--no-stream) or give a count"
+            )
+        count, search = search_drop_count(model, calib, config, progress)
+        log.info(f"--drop-attention auto chose {count} attention sublayers")
+        config = replace(config, drop_attention=count)
     if config.sequential and calib is None:
         raise CfspError("sequential pruning needs calibration windows (pass calib / --calib-source)")
     check_supported(model)
@@ -200,69 +212,8 @@ def prune(
         attention_importance=attention_importance,
         mlp_importance=mlp_importance,
         dropped_attention=dropped,
+        attention_search=search,
     )
-
-
-def attention_drop_count(model: nn.Module, config: PruneConfig) -> int:
-    """How many attention sublayers ``config.drop_attention`` removes from this model (a count, or a
-    share of its blocks with attention), checked before any work."""
-    if not config.drop_attention:
-        return 0
-    blocks = decoder_blocks(model)
-    eligible = sum(layouts.has_attention(block) for block in blocks)
-    value = config.drop_attention
-    count = int(value) if value >= 1 else round(value * eligible)
-    text_config = getattr(model.config, "get_text_config", lambda: model.config)()
-    if getattr(text_config, "num_kv_shared_layers", 0):
-        raise CfspError(
-            "this model's later blocks reuse the KV cache of earlier ones (num_kv_shared_layers), so an "
-            "attention sublayer cannot be dropped on its own; prune it without --drop-attention"
-        )
-    if count >= eligible:
-        raise CfspError(
-            f"--drop-attention {value} would remove {count} of the {eligible} attention sublayers; keep at "
-            f"least one (a count below {eligible}, or a share below 1)"
-        )
-    if count == 0:
-        log.warning(f"--drop-attention {value} of {eligible} attention sublayers rounds to none")
-    return count
-
-
-def choose_dropped_attention(blocks: nn.ModuleList, importance: list[float] | None, count: int) -> list[int]:
-    """The ``count`` blocks with attention whose attention sublayer turns the residual stream least."""
-    if count == 0:
-        return []
-    eligible = [i for i, block in enumerate(blocks) if layouts.has_attention(block)]
-    return sorted(sorted(eligible, key=lambda i: (importance[i], i))[:count])
-
-
-def budget_sparsity(model: nn.Module, total: float, dropped: list[int]) -> float:
-    """The FFN sparsity that, beside the dropped attention sublayers, removes ``total`` of all
-    parameters.
-
-    Every FFN channel of a block costs the same number of parameters (a row of each input
-    projection and a column of the down projection) and blocks share the hidden size, so the FFN's
-    share of the removal is spread over its channels; rounding widths to the multiple moves it
-    by at most one multiple overall.
-    """
-    blocks = decoder_blocks(model)
-
-    def size(module: nn.Module) -> int:
-        return sum(p.numel() for p in module.parameters())
-
-    attention = sum(size(getattr(blocks[i], layouts.ATTENTION)) for i in dropped)
-    ffn = sum(size(block_mlp(block)) for block in blocks)
-    everything = count_parameters(model)
-    sparsity = (total * everything - attention) / ffn
-    if not 0.0 < sparsity < 1.0:
-        reach = f"{attention / everything:.3f}" if sparsity <= 0 else f"{(attention + ffn) / everything:.3f}"
-        side = "at or above" if sparsity <= 0 else "below"
-        raise CfspError(
-            f"--total-sparsity {total}: the dropped attention sublayers alone remove {reach} of the "
-            f"parameters, {side} the target; "
-            + ("drop fewer attention sublayers or raise the target" if sparsity <= 0 else "lower the target")
-        )
-    return float(sparsity)
 
 
 SPARSITY_TOLERANCE = 0.02  # realised FFN sparsity may always differ from the request by this much

@@ -80,9 +80,7 @@ def prune(
         typer.Option("--reference", help="The reference preset: " + option_help("preset").split(": ", 1)[1]),
     ] = False,
     uniform: Annotated[bool, typer.Option("--uniform", help=option_help("uniform"))] = False,
-    drop_attention: Annotated[float, typer.Option(help=option_help("drop_attention"))] = DEFAULTS[
-        "drop_attention"
-    ],
+    drop_attention: Annotated[str, typer.Option(help=option_help("drop_attention"))] = "0",
     total_sparsity: Annotated[float | None, typer.Option(help=option_help("total_sparsity"))] = None,
     sequential: Annotated[bool, typer.Option("--sequential", help=option_help("sequential"))] = False,
     allow_inexact: Annotated[
@@ -139,7 +137,7 @@ def prune(
         reconstruct_holdout=reconstruct_holdout,
         reconstruct_schedule=reconstruct_schedule,
         uniform=uniform,
-        drop_attention=drop_attention,
+        drop_attention=_count_or_word(drop_attention),
         total_sparsity=total_sparsity,
         sequential=sequential,
         allow_inexact=allow_inexact,
@@ -189,3 +187,11 @@ def prune(
             f"every block keeps {result.widths[0]} channels (FFN sparsity {result.realised_sparsity:.3f}): "
             "a stock checkpoint, loads with AutoModelForCausalLM.from_pretrained without trust_remote_code"
         )
+
+
+def _count_or_word(value: str) -> float | str:
+    """A number where the flag holds one (2, 0.1), else the word itself (auto), which the config checks."""
+    try:
+        return float(value)
+    except ValueError:
+        return value
