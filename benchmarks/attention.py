@@ -24,7 +24,7 @@ from pathlib import Path
 from common import RESULTS, prepare, pruned_variant, speeds, stamp, wikitext_ppl, write_json
 
 import cfsp
-from cfsp.evaluation import evaluate, zero_shot_mean
+from cfsp.evaluation import ZERO_SHOT_TASKS, evaluate, zero_shot_mean
 from cfsp.export import export_gguf
 from cfsp.models import count_parameters
 from cfsp.outdir import write_text_atomic
@@ -41,7 +41,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.15, 0.30])
-    parser.add_argument("--drops", type=int, nargs="+", default=[2, 4], help="attention sublayers dropped")
+    parser.add_argument(
+        "--drops", nargs="+", default=["2", "4"], help="attention sublayers dropped: counts, or auto"
+    )
+    parser.add_argument("--tag", default="", help="suffix of the result files")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
@@ -53,8 +56,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
 
+    drops = [0] + [d if d == "auto" else int(d) for d in args.drops if d != "0"]
     variants = [(f"{budget:.0%} {'FFN only' if n == 0 else f'attn -{n}'}", budget, n)
-                for budget in args.budgets for n in [0, *args.drops]]  # fmt: skip
+                for budget in args.budgets for n in drops]  # fmt: skip
     rows: dict[str, dict] = {}
     scratch = tempfile.TemporaryDirectory(prefix="cfsp-attention-")
     folder = Path(scratch.name)
@@ -75,7 +79,9 @@ def main() -> None:
             rows["dense"]["params"] = count_parameters(setup.model)
             rows["dense"]["attention_blocks"] = blocks
             rows["dense"]["zero_shot_mean"] = zero_shot_mean(
-                evaluate(setup.model, setup.tokenizer, limit=args.limit, seqlen=512)["results"]
+                evaluate(setup.model, setup.tokenizer, ZERO_SHOT_TASKS, limit=args.limit, seqlen=512)[
+                    "results"
+                ]
             )
         for label, budget, drop in variants:
             started = time.perf_counter()
@@ -92,6 +98,8 @@ def main() -> None:
             )
             row["params"] = result.params_after
             row["attention_blocks"] = blocks - len(result.dropped_attention)
+            if result.attention_search:
+                row["seeds"][-1]["search"] = result.attention_search
             message = f"seed {seed} {label}: ppl {ppl:.2f}, dropped {result.dropped_attention}, FFN sparsity"
             message += (
                 f" {result.realised_sparsity:.3f}, total {1 - result.params_after / result.params_before:.3f}"
@@ -99,7 +107,7 @@ def main() -> None:
             if seed == args.seeds[0]:
                 row["attention_importance"] = result.attention_importance
                 row["mlp_importance"] = result.mlp_importance
-                scores = evaluate(model, setup.tokenizer, limit=args.limit, seqlen=512)
+                scores = evaluate(model, setup.tokenizer, ZERO_SHOT_TASKS, limit=args.limit, seqlen=512)
                 row["zero_shot_mean"] = zero_shot_mean(scores["results"])
                 message += f", zero-shot {row['zero_shot_mean']:.3f}"
                 if args.gguf:
@@ -126,7 +134,7 @@ def main() -> None:
                 rows[label][f"decode_{context}"] = speed["decode_tokens_per_s"]
     scratch.cleanup()
 
-    name = args.model.replace("/", "_")
+    name = args.model.replace("/", "_") + (f"_{args.tag}" if args.tag else "")
     payload = dict(
         model=args.model,
         when=stamp(),
@@ -162,6 +170,11 @@ def markdown(payload: dict, args) -> str:
             f"| {row['label']} | {row['params'] / 1e6:.1f} M ({row['total_sparsity']:.3f}) | {ffn} | {dropped} | "
             f"{ppl} | {row['ppl_mean']:.2f} | {zero} |"
         )
+    for row in rows:
+        for run in row.get("seeds") or []:
+            if run.get("search"):
+                tried = ", ".join(f"{t['drop_attention']}: {t['heldout_loss']:.4f}" for t in run["search"])
+                lines.append(f"\n{row['label']}, seed {run['seed']}: held-out loss per count tried: {tried}.")
     contexts = args.contexts
     lines += ["", "| variant | " + " | ".join(f"KV MB @ {c}" for c in contexts)]
     if f"prefill_{contexts[0]}" in dense:
