@@ -116,11 +116,8 @@ def prune(
             "e.g. Gemma 4's double-wide layers); prune it without --uniform"
         )
     drop_count = attention_drop_count(model, config)
-    if config.total_sparsity is not None:  # a first check; the exact split follows the importance
-        eligible = [i for i, block in enumerate(blocks) if layouts.has_attention(block)]
-        config = replace(
-            config, sparsity=budget_sparsity(model, config.total_sparsity, eligible[:drop_count])
-        )
+    eligible = [i for i, block in enumerate(blocks) if layouts.has_attention(block)]
+    config = _with_budget(config, model, eligible[:drop_count], original)  # exact once chosen below
     check_achievable(config, original)
     params_before = count_parameters(model)
     placement = placement or InMemoryBlocks()
@@ -155,8 +152,7 @@ def prune(
         attention_importance, mlp_importance = sublayer_importance(stats)
     dropped = choose_dropped_attention(blocks, attention_importance, drop_count)
     if config.total_sparsity is not None:
-        config = replace(config, sparsity=budget_sparsity(model, config.total_sparsity, dropped))
-        check_achievable(config, original)
+        config = _with_budget(config, model, dropped, original)
         log.info(
             f"budget: {config.total_sparsity} of all parameters = {len(dropped)} attention sublayers + FFN "
             f"sparsity {config.sparsity:.4f}"
@@ -269,6 +265,16 @@ def _inexact(problem: str, allow_inexact: bool) -> None:
     if not allow_inexact:
         raise CfspError(f"{problem}; lower --multiple or pass --allow-inexact to accept it")
     log.warning(f"{problem}; continuing because of --allow-inexact")
+
+
+def _with_budget(config: PruneConfig, model: nn.Module, dropped: list[int], full: list[int]) -> PruneConfig:
+    """Budget mode: the config with the FFN sparsity that completes ``total_sparsity`` beside the
+    dropped attention sublayers, checked against the widths' reach."""
+    if config.total_sparsity is None:
+        return config
+    config = replace(config, sparsity=budget_sparsity(model, config.total_sparsity, dropped))
+    check_achievable(config, full)
+    return config
 
 
 def _allocate(
