@@ -354,3 +354,26 @@ def test_vllm_export_refuses_a_first_block_without_attention(tmp_path):
     with pytest.raises(CfspError, match="first block"):
         export_vllm(tmp_path / "p", tmp_path / "v")
     assert not (tmp_path / "v").exists()
+
+
+def test_ig_lora_recovery_trains_a_model_with_blocks_without_attention(tmp_path):
+    from cfsp.recovery import PadCollator, RecoveryConfig, load_recovery_data, recover
+
+    tokenizer = make_byte_tokenizer()
+    model = make_tiny_model("llama")
+    result = cfsp.prune(model, windows(), 0.5, multiple=32, drop_attention=1, progress=False)
+    text = tmp_path / "tiny.txt"
+    text.write_text("the cat sat on the mat and the dog ran to the log. " * 30, encoding="utf-8")
+    dataset = load_recovery_data(text, tokenizer, seqlen=32)
+    batch = PadCollator(0)([dataset[i] for i in range(len(dataset))])
+
+    def loss(net) -> float:
+        with torch.no_grad():
+            return net(**batch).loss.item()
+
+    before = loss(model)
+    config = RecoveryConfig(steps=8, lr=1e-2, batch_size=4, grad_accum=1, seqlen=32, save_steps=100)
+    done = recover(model, tokenizer, dataset, result.block_importance, config, output_dir=tmp_path / "run")
+    assert done.steps == 8 and loss(done.model) < before - 0.1
+    blocks = done.model.model.layers
+    assert isinstance(blocks[result.dropped_attention[0]].self_attn, layouts.NoAttention)
