@@ -278,10 +278,13 @@ def test_cli_refuses_a_bad_drop_count_in_one_line(tmp_path):
     make_tiny_model("llama").save_pretrained(source)
     make_byte_tokenizer().save_pretrained(source)
     out = tmp_path / "out"
-    args = ["prune", "--model", str(source), "--out", str(out), "--drop-attention", "2.5"]
-    done = CliRunner().invoke(app, args)
-    assert done.exit_code == 2 and done.output.count("error:") == 1 and "drop_attention" in done.output
-    assert not out.exists()
+    for flags, message in (
+        (["--drop-attention", "2.5"], "drop_attention"),
+        (["--drop-attention", "auto", "--total-sparsity", "0.2"], "--no-stream"),
+    ):
+        done = CliRunner().invoke(app, ["prune", "--model", str(source), "--out", str(out), *flags])
+        assert done.exit_code == 2 and done.output.count("error:") == 1 and message in done.output
+        assert not out.exists()
 
 
 # --------------------------------------------------------------------------- engines
@@ -377,3 +380,16 @@ def test_ig_lora_recovery_trains_a_model_with_blocks_without_attention(tmp_path)
     assert done.steps == 8 and loss(done.model) < before - 0.1
     blocks = done.model.model.layers
     assert isinstance(blocks[result.dropped_attention[0]].self_attn, layouts.NoAttention)
+
+
+def test_benchmark_decoding_on_the_cache_matches_generate_with_blocks_without_attention():
+    from cfsp.bench import greedy_decode
+
+    model = make_tiny_model("gemma3")
+    for index in (0, 1):
+        layouts.drop_attention(model.model.layers[index])
+    prompt = windows(2, 10)
+    ids, _, _ = greedy_decode(model, prompt, 7)
+    with torch.no_grad():
+        expected = model.generate(prompt, max_new_tokens=8, do_sample=False)[:, 10:]
+    assert torch.equal(ids, expected)

@@ -151,6 +151,11 @@ def prune(
     streamed = stream and is_streamable(model)
     if streamed:
         check_streamable(Path(model))
+        if config.drop_attention == "auto":
+            raise CfspError(
+                "--drop-attention auto prunes copies of the model in memory, which streaming avoids: add "
+                "--no-stream, or give a count"
+            )
     with StagedOutput(out, overwrite, protect=[model]) as folder:
         if streamed:
             console.print(f"streaming [bold]{model}[/] block by block ...")
