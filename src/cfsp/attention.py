@@ -27,13 +27,17 @@ log = logging.getLogger("cfsp")
 SEARCH_HOLDOUT = 0.125  # share of the calibration windows the automatic count is judged on
 
 
+def attention_blocks(blocks: nn.ModuleList) -> list[int]:
+    """The blocks with an attention sublayer that can be dropped."""
+    return [i for i, block in enumerate(blocks) if layouts.has_attention(block)]
+
+
 def attention_drop_count(model: nn.Module, config: PruneConfig) -> int:
     """How many attention sublayers ``config.drop_attention`` removes from this model (a count, or a
     share of its blocks with attention), checked before any work."""
     if not config.drop_attention:
         return 0
-    blocks = decoder_blocks(model)
-    eligible = sum(layouts.has_attention(block) for block in blocks)
+    eligible = len(attention_blocks(decoder_blocks(model)))
     value = config.drop_attention
     count = int(value) if value >= 1 else round(value * eligible)
     text_config = getattr(model.config, "get_text_config", lambda: model.config)()
@@ -56,8 +60,7 @@ def choose_dropped_attention(blocks: nn.ModuleList, importance: list[float] | No
     """The ``count`` blocks with attention whose attention sublayer turns the residual stream least."""
     if count == 0:
         return []
-    eligible = [i for i, block in enumerate(blocks) if layouts.has_attention(block)]
-    return sorted(sorted(eligible, key=lambda i: (importance[i], i))[:count])
+    return sorted(sorted(attention_blocks(blocks), key=lambda i: (importance[i], i))[:count])
 
 
 def budget_sparsity(model: nn.Module, total: float, dropped: list[int]) -> float:
@@ -70,12 +73,8 @@ def budget_sparsity(model: nn.Module, total: float, dropped: list[int]) -> float
     by at most one multiple overall.
     """
     blocks = decoder_blocks(model)
-
-    def size(module: nn.Module) -> int:
-        return sum(p.numel() for p in module.parameters())
-
-    attention = sum(size(getattr(blocks[i], layouts.ATTENTION)) for i in dropped)
-    ffn = sum(size(block_mlp(block)) for block in blocks)
+    attention = sum(count_parameters(getattr(blocks[i], layouts.ATTENTION)) for i in dropped)
+    ffn = sum(count_parameters(block_mlp(block)) for block in blocks)
     everything = count_parameters(model)
     sparsity = (total * everything - attention) / ffn
     if not 0.0 < sparsity < 1.0:
@@ -98,9 +97,7 @@ def search_candidates(eligible: int) -> list[int]:
     return counts
 
 
-def search_drop_count(
-    model: nn.Module, calib: torch.Tensor, config: PruneConfig, progress: bool = True
-) -> tuple[int, list[dict]]:
+def search_drop_count(model: nn.Module, calib: torch.Tensor, config: PruneConfig) -> tuple[int, list[dict]]:
     """``drop_attention="auto"``: the count whose pruned model has the lowest loss.
 
     Each candidate count prunes a copy of the model with the whole pipeline (the same budget, so
@@ -110,7 +107,7 @@ def search_drop_count(
     """
     from cfsp.pruning import prune
 
-    eligible = sum(layouts.has_attention(block) for block in decoder_blocks(model))
+    eligible = len(attention_blocks(decoder_blocks(model)))
     held = max(1, math.ceil(len(calib) * SEARCH_HOLDOUT))
     if len(calib) - held < 1:
         raise CfspError("--drop-attention auto holds out calibration windows: give at least 2 (--nsamples)")

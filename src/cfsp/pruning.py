@@ -11,7 +11,13 @@ from torch import nn
 
 from cfsp import allocation as alloc
 from cfsp import layouts
-from cfsp.attention import attention_drop_count, budget_sparsity, choose_dropped_attention, search_drop_count
+from cfsp.attention import (
+    attention_blocks,
+    attention_drop_count,
+    budget_sparsity,
+    choose_dropped_attention,
+    search_drop_count,
+)
 from cfsp.calibration import BlockStats, InMemoryBlocks, calibrate
 from cfsp.compensation import Compensation, compensate, refit_or_mean
 from cfsp.config import PruneConfig
@@ -93,7 +99,7 @@ def prune(
                 "--drop-attention auto prunes copies of the model in memory with calibration windows; "
                 "load the model whole (--no-stream) or give a count"
             )
-        count, search = search_drop_count(model, calib, config, progress)
+        count, search = search_drop_count(model, calib, config)
         log.info(f"--drop-attention auto chose {count} attention sublayers")
         config = replace(config, drop_attention=count)
     if config.sequential and calib is None:
@@ -116,8 +122,9 @@ def prune(
             "e.g. Gemma 4's double-wide layers); prune it without --uniform"
         )
     drop_count = attention_drop_count(model, config)
-    eligible = [i for i, block in enumerate(blocks) if layouts.has_attention(block)]
-    config = _with_budget(config, model, eligible[:drop_count], original)  # exact once chosen below
+    config = _with_budget(
+        config, model, attention_blocks(blocks)[:drop_count], original
+    )  # exact once chosen below
     check_achievable(config, original)
     params_before = count_parameters(model)
     placement = placement or InMemoryBlocks()
