@@ -287,6 +287,26 @@ def test_cli_refuses_a_bad_drop_count_in_one_line(tmp_path):
         assert not out.exists()
 
 
+@pytest.mark.cli
+def test_cli_prints_the_sublayer_columns_only_when_attention_is_dropped(tmp_path):
+    from typer.testing import CliRunner
+
+    from cfsp.cli import app
+
+    source, corpus = tmp_path / "m", tmp_path / "corpus.txt"
+    make_tiny_model("llama").save_pretrained(source)
+    make_byte_tokenizer().save_pretrained(source)
+    corpus.write_text("\n".join(f"sentence number {i} for calibration" for i in range(300)))
+    common = ["prune", "--model", str(source), "--calib-source", str(corpus), "--nsamples", "4"]
+    common += ["--seqlen", "32", "--multiple", "32"]
+    plain = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "plain")])
+    dropped = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "dropped"), "--drop-attention", "1"])
+    assert plain.exit_code == 0 and dropped.exit_code == 0, plain.output + dropped.output
+    assert "attention" not in plain.output and "mlp" not in plain.output
+    assert "dropped" in dropped.output and "attention dropped" in dropped.output
+    assert len(cfsp.read_plan(tmp_path / "dropped")["dropped_attention"]) == 1
+
+
 # --------------------------------------------------------------------------- engines
 
 

@@ -6,11 +6,14 @@ from rich.table import Table
 
 
 def summary_table(result) -> Table:
-    """Per-block importance, keep fraction and width, as decided by ``prune``; how far each
-    sublayer turns the residual stream, and which attention sublayers were dropped."""
+    """Per-block importance, keep fraction and width, as decided by ``prune``. When the run drops
+    attention sublayers (or searched for a count), also how far each sublayer turns the residual
+    stream and which were dropped; otherwise those columns would only crowd an 80-column terminal."""
     table = Table(title=f"{result.method}: per-block FFN widths", show_lines=False)
     reconstructed = {r["block"]: r for r in result.reconstruction or []}
-    sublayers = result.attention_importance is not None
+    sublayers = result.attention_importance is not None and bool(
+        result.dropped_attention or result.attention_search
+    )
     dropped = set(result.dropped_attention)
     columns = (
         ("block", "importance")
