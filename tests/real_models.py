@@ -73,8 +73,9 @@ def _remap_ids(config: dict, vocab: int) -> None:
             config[key] = mapping.get(value, value)
 
 
-def shrunk_config(name: str, vocab: int = VOCAB):
-    """The family's config with sizes shrunk so a model builds and runs in well under a second."""
+def shrunk_config(name: str, vocab: int = VOCAB, heads: int = HEADS):
+    """The family's config with sizes shrunk so a model builds and runs in well under a second;
+    ``heads`` query heads, with the published ratio of query heads to KV heads."""
     config = copy.deepcopy(raw_config(name))
     for key in ("architectures", "auto_map", "_name_or_path", "transformers_version", "dtype", "torch_dtype"):
         config.pop(key, None)
@@ -82,13 +83,15 @@ def shrunk_config(name: str, vocab: int = VOCAB):
     for key, value in list(config.items()):  # per-layer lists (layer types, no-rope layers, ...)
         if isinstance(value, list) and len(value) == old_layers:
             config[key] = value[:layers]
-    heads = config.get("num_attention_heads") or HEADS
-    kv = config.get("num_key_value_heads") or heads
+    published = config.get("num_attention_heads") or HEADS
+    kv = max(1, heads * (config.get("num_key_value_heads") or published) // published)
+    while heads % kv:
+        kv -= 1
     head_dim = 2 * HEAD_DIM if config.get("partial_rotary_factor", 1.0) < 0.5 else HEAD_DIM
     config.update(
         hidden_size=HIDDEN,
-        num_attention_heads=HEADS,
-        num_key_value_heads=max(1, HEADS * kv // heads),
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
         intermediate_size=FFN,
         num_hidden_layers=layers,
         vocab_size=vocab,
@@ -121,7 +124,7 @@ def shrunk_config(name: str, vocab: int = VOCAB):
         }
     if config.get("vocab_size_per_layer_input"):
         config["vocab_size_per_layer_input"] = vocab
-    _shrink_rope(config, head_dim)
+    _shrink_rope(config, config.get("head_dim") or HIDDEN // heads)
     _remap_ids(config, vocab)
     return AutoConfig.for_model(config.pop("model_type"), **config)
 
@@ -156,10 +159,10 @@ def gemma4_small_config():
     return config
 
 
-def make_real_model(name: str, seed: int = 0, vocab: int = VOCAB) -> torch.nn.Module:
+def make_real_model(name: str, seed: int = 0, vocab: int = VOCAB, heads: int = HEADS) -> torch.nn.Module:
     """A random float32 model of the family, with channel scales spread so rankings mean something."""
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(shrunk_config(name, vocab), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(shrunk_config(name, vocab, heads), dtype=torch.float32)
     with torch.no_grad():
         for block in layouts.decoder_layers(model):
             for weight in layouts.input_weights(block.mlp)[-1:]:  # the up rows (a view of a fused matrix)

@@ -48,6 +48,7 @@ class BlockStats:
     second_moments: bool = False
     keep_windows: bool = False  # per-window sums, which only the reference's FLAP statistic reads
     mlp: MlpRecord | None = None  # the MLP's inputs and outputs, only while the block is being pruned
+    heads: BlockStats | None = None  # the same channel statistics of o_proj's input (one per head dim)
 
     def add_channels(self, act: torch.Tensor) -> None:
         """Record intermediate activations ``act`` [batch, seq, D]; one window per batch row.
@@ -102,6 +103,19 @@ class BlockStats:
         self.mae_sum += diff.abs().mean(-1).sum().item()
         self.tokens += a.shape[0]
         self.windows += x_in.shape[0]
+
+    def drop_second_moments(self) -> None:
+        """Free the Gram matrices (the block's and its heads') once the block is sliced."""
+        self.gram = None
+        if self.heads is not None:
+            self.heads.gram = None
+
+    def add_tokens(self, act: torch.Tensor) -> None:
+        """Record ``act`` [batch, seq, D] as channel statistics that count their own tokens (the
+        block's are counted by ``add_block_io``)."""
+        self.add_channels(act)
+        self.tokens += act.shape[0] * act.shape[1]
+        self.windows += act.shape[0]
 
 
 def _angular(cos: torch.Tensor) -> torch.Tensor:
@@ -236,6 +250,7 @@ def calibrate(
     window_stats: bool = True,
     record_mlp: bool = False,
     dense_stream: bool = False,
+    head_channels: bool = False,
 ) -> list[BlockStats]:
     """One forward pass per block over ``windows`` [N, L]; returns one ``BlockStats`` per block.
 
@@ -249,6 +264,8 @@ def calibrate(
     ``record_mlp`` hands ``after_block`` the block's MLP activations (``stats.mlp``, dropped after
     the call); ``dense_stream`` also runs the still-dense block on the dense model's own stream, kept
     beside the modified one, so that a reconstruction can aim at the dense model's outputs.
+    ``head_channels`` also records the input of each attention's o_proj (``stats.heads``), from
+    which KV groups are scored and o_proj is refit.
     """
     placement = placement or InMemoryBlocks()
     if windows.ndim != 2 or windows.numel() == 0:
@@ -280,6 +297,13 @@ def calibrate(
             attention: list[torch.Tensor] = []
             if layouts.has_attention(block):
                 hooks.append(_record_attention(block, attention))
+                if head_channels and layouts.head_shape(block.self_attn) is not None:
+                    stats.heads = BlockStats(second_moments=second_moments)
+                    hooks.append(
+                        block.self_attn.o_proj.register_forward_pre_hook(
+                            lambda _module, args, heads=stats.heads: heads.add_tokens(args[0])
+                        )
+                    )
             try:
                 outputs = _run_batches(block, inputs, calls, store, stats, attention)
             finally:

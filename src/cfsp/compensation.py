@@ -30,10 +30,12 @@ log = logging.getLogger("cfsp")
 
 @dataclass
 class Compensation:
-    """The new down_proj pieces of one block: a replacement weight [H, k] and a bias to add [H]."""
+    """The new pieces of one block: a replacement down_proj weight [H, k], a bias to add to it [H],
+    and a replacement o_proj weight for the kept heads' columns (KV-group cuts)."""
 
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
+    out_weight: torch.Tensor | None = None
 
 
 def compensate(
@@ -69,6 +71,17 @@ def compensate(
             return Compensation(weight=weight)
         return Compensation(weight=weight, bias=down @ mean - weight @ mean[kept])
     raise CfspError(f"unknown compensation {rule!r}; choose one of {', '.join(COMPENSATIONS)}")
+
+
+def refit_out_projection(
+    out_weight: torch.Tensor, kept: torch.Tensor, heads: BlockStats, damping: float
+) -> torch.Tensor | None:
+    """o_proj re-solved on the input columns of the kept heads (uncentred: o_proj has no bias to
+    take a mean), or None, keeping the columns as they are, when there are too few tokens."""
+    if heads.gram is None or refit_or_mean(heads.tokens, kept.numel(), "plain slicing") != "refit":
+        return None
+    weight = out_weight.detach().to(heads.sum.device, torch.float64)
+    return refit_weight(weight, kept.to(weight.device), heads, damping, centred=False)
 
 
 def centred_covariance(stats: BlockStats) -> torch.Tensor:

@@ -95,10 +95,16 @@ class PruneConfig:
         "residual stream least on the calibration tokens; their blocks keep the MLP. auto: with "
         "--total-sparsity, try 0, 1, 2, 4, ... and keep the count with the lowest held-out loss.",
     )
+    kv_groups: int = _option(
+        0,
+        "KV groups (a KV head and the query heads that read it) to remove from every attention sublayer "
+        "that stays, those adding least to its output on the calibration tokens; o_proj is refit on the "
+        "kept heads unless --compensation is none or mean. Cuts the KV cache by this share of the KV heads.",
+    )
     total_sparsity: float | None = _option(
         None,
         "Budget mode: the share of all parameters to remove; the FFN sparsity is derived from it after "
-        "the dropped attention sublayers are counted (replaces --sparsity).",
+        "the attention cuts (dropped sublayers, KV groups) are counted (replaces --sparsity).",
     )
     sequential: bool = _option(False, "Score each block on the already-pruned blocks' outputs.")
     allow_inexact: bool = _option(False, "Warn instead of failing when the widths miss the sparsity.")
@@ -202,6 +208,15 @@ class PruneConfig:
                 "--compensation reconstruct trains each MLP on the dense attention's outputs and cannot be "
                 "combined with --drop-attention; use --compensation refit"
             )
+        if isinstance(self.kv_groups, bool) or not isinstance(self.kv_groups, int) or self.kv_groups < 0:
+            raise CfspError(
+                f"kv_groups must be a whole count >= 0 (1 removes one KV group per sublayer), got {self.kv_groups}"
+            )
+        if self.kv_groups and self.compensation == "reconstruct":
+            raise CfspError(
+                "--compensation reconstruct trains each MLP on the dense attention's outputs and cannot be "
+                "combined with --kv-groups; use --compensation refit"
+            )
         if self.total_sparsity is not None and (
             isinstance(self.total_sparsity, bool)
             or not isinstance(self.total_sparsity, int | float)
@@ -264,13 +279,14 @@ class PruneConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        """Activation-based scores, importance-based allocation, every compensation and attention
-        dropping read the calibration pass; Magnitude-SP without compensation needs none."""
+        """Activation-based scores, importance-based allocation, every compensation and the
+        attention cuts read the calibration pass; Magnitude-SP without compensation needs none."""
         return (
             self.channel_metric in NEEDS_ACTIVATIONS
             or self.allocation == "cfsp"
             or self.compensation != "none"
             or bool(self.drop_attention)
+            or bool(self.kv_groups)
         )
 
     @property

@@ -21,13 +21,11 @@ from torch import nn
 from cfsp import layouts, pruned_modeling
 from cfsp.compensation import Compensation
 from cfsp.errors import CfspError
-from cfsp.models import (
-    ffn_widths,
-)
+from cfsp.models import decoder_blocks, ffn_widths
 from cfsp.outdir import PLAN_FILE, StagedOutput, dumps
 from cfsp.plan import check_plan, read_plan
 from cfsp.pruning import PruneResult
-from cfsp.surgery import apply_pruning
+from cfsp.surgery import AttentionCut, apply_pruning
 
 MODELING_FILE = "modeling_cfsp.py"
 LAYOUTS_FILE = "layouts.py"  # the modeling file's one import besides torch and transformers
@@ -127,7 +125,7 @@ def apply_plan(model: nn.Module, plan: dict | str | os.PathLike) -> nn.Module:
     kept = [torch.tensor(k, dtype=torch.long) for k in plan["kept_channels"]]
     biases = plan.get("down_biases")
 
-    def plan_bias(index: int, _mlp: nn.Module) -> Compensation:
+    def plan_bias(index: int, _block: nn.Module) -> Compensation:
         return Compensation(bias=torch.tensor(biases[index], dtype=torch.float64) if biases else None)
 
     uniform = bool(plan.get("options", {}).get("uniform", False))
@@ -137,6 +135,23 @@ def apply_plan(model: nn.Module, plan: dict | str | os.PathLike) -> nn.Module:
         plan_bias,
         compensated=biases is not None,
         uniform=uniform,
-        dropped_attention=plan.get("dropped_attention", []),
+        attention=_plan_attention_cut(model, plan),
     )
     return model
+
+
+def _plan_attention_cut(model: nn.Module, plan: dict) -> AttentionCut:
+    """The plan's dropped attention sublayers and kept KV groups, with the head counts they leave."""
+    cut = AttentionCut(dropped=plan.get("dropped_attention", []))
+    groups = plan.get("kept_kv_groups")
+    if groups is None:
+        return cut
+    cut.kept_groups = [None if g is None else torch.tensor(g, dtype=torch.long) for g in groups]
+    index, kept = next((i, g) for i, g in enumerate(groups) if g is not None)
+    shape = layouts.head_shape(getattr(decoder_blocks(model)[index], layouts.ATTENTION))
+    if shape is None or max(kept) >= shape.kv_heads:
+        raise CfspError(
+            "the plan keeps KV groups this model does not have; apply it to the model it was made from"
+        )
+    cut.heads = layouts.HeadShape(len(kept) * shape.group_size, len(kept), shape.head_dim)
+    return cut

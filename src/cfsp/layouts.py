@@ -140,6 +140,67 @@ def set_dropped_attention(config, blocks: list[int]) -> None:
     _set_overrides(config, overrides)
 
 
+# ---------------------------------------------------------------------------------------------
+# KV groups. Under grouped-query attention, query head h reads KV head h // (heads / kv_heads), so
+# a KV group (one KV head and the query heads that read it) is a block of rows of q_proj, k_proj and
+# v_proj and the matching columns of o_proj. Removing whole groups keeps every remaining head exact.
+
+HEAD_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass(frozen=True)
+class HeadShape:
+    """The head geometry of one attention sublayer."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head."""
+        return self.heads // self.kv_heads
+
+
+def head_shape(attention: nn.Module) -> HeadShape | None:
+    """The sublayer's heads, read from its projections; None where whole KV groups cannot be cut
+    out: fused or missing projections, or a norm over all heads at once (OLMo 2's q_norm), whose
+    statistics would change with the heads removed."""
+    projections = [getattr(attention, n, None) for n in HEAD_PROJECTIONS]
+    head_dim = getattr(attention, "head_dim", None)
+    if not all(isinstance(p, nn.Linear) for p in projections) or not isinstance(head_dim, int):
+        return None
+    q, k, v, o = projections
+    if q.out_features % head_dim or k.out_features % head_dim or k.out_features != v.out_features:
+        return None
+    if o.in_features != q.out_features:
+        return None
+    for norm in ("q_norm", "k_norm"):
+        weight = getattr(getattr(attention, norm, None), "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.numel() != head_dim:
+            return None
+    heads, kv_heads = q.out_features // head_dim, k.out_features // head_dim
+    if heads % kv_heads:
+        return None
+    return HeadShape(heads, kv_heads, head_dim)
+
+
+def group_rows(shape: HeadShape, groups: torch.Tensor, query: bool) -> torch.Tensor:
+    """Rows of q_proj (``query``) or of k_proj / v_proj that belong to KV groups ``groups``; the
+    query rows are also o_proj's input columns."""
+    per_group = shape.head_dim * (shape.group_size if query else 1)
+    offsets = torch.arange(per_group, device=groups.device)
+    return (groups[:, None] * per_group + offsets).flatten()
+
+
+def set_head_counts(config, shape: HeadShape) -> None:
+    """The config's head counts after KV groups were removed from every attention sublayer; the
+    head size is written out, since families derive it from the counts when it is absent."""
+    config.num_attention_heads = shape.heads
+    config.num_key_value_heads = shape.kv_heads
+    config.head_dim = shape.head_dim
+
+
 # Checkpoint names of the Llama-style layout (every family here keeps its blocks at model.layers;
 # the GGUF export reads these names from the files).
 BLOCKS = "model.layers"

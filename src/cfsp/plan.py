@@ -49,6 +49,20 @@ def check_plan(plan, where: str | os.PathLike = PLAN_FILE) -> None:
     dropped = plan.get("dropped_attention", [])
     if not isinstance(dropped, list) or not all(_is_int(i) and 0 <= i < len(widths) for i in dropped):
         raise bad(f"dropped_attention must be block indices below {len(widths)}")
+    groups = plan.get("kept_kv_groups")
+    if groups is not None:
+        if not isinstance(groups, list) or len(groups) != len(widths):
+            raise bad("kept_kv_groups must have one entry per block")
+        sizes = {len(g) for g in groups if isinstance(g, list)}
+        for block, kept in enumerate(groups):
+            if kept is None:
+                continue
+            if not isinstance(kept, list) or not kept or not all(map(_is_int, kept)):
+                raise bad(f"block {block}: kept_kv_groups must be null or KV group indices")
+            if kept != sorted(set(kept)) or kept[0] < 0 or len(sizes) != 1:
+                raise bad(
+                    f"block {block}: kept_kv_groups must be distinct, ascending and as many in every block"
+                )
     biases = plan.get("down_biases")
     if biases is not None:
         if not isinstance(biases, list) or len(biases) != len(widths):

@@ -16,10 +16,12 @@ from cfsp.attention import (
     attention_drop_count,
     budget_sparsity,
     choose_dropped_attention,
+    choose_kv_groups,
+    kv_group_cut,
     search_drop_count,
 )
 from cfsp.calibration import BlockStats, InMemoryBlocks, calibrate
-from cfsp.compensation import Compensation, compensate, refit_or_mean
+from cfsp.compensation import Compensation, compensate, refit_or_mean, refit_out_projection
 from cfsp.config import PruneConfig
 from cfsp.errors import CfspError
 from cfsp.models import (
@@ -30,8 +32,14 @@ from cfsp.models import (
     ffn_widths,
 )
 from cfsp.reconstruction import block_outputs_after, reconstruct_mlp
-from cfsp.scoring import ChannelInputs, block_importance, channel_scores, sublayer_importance
-from cfsp.surgery import apply_pruning, needs_bias, set_config_widths, slice_mlp
+from cfsp.scoring import (
+    ChannelInputs,
+    block_importance,
+    channel_scores,
+    kv_group_scores,
+    sublayer_importance,
+)
+from cfsp.surgery import AttentionCut, apply_pruning, needs_bias, set_config_widths, slice_mlp
 
 log = logging.getLogger("cfsp")
 
@@ -59,11 +67,14 @@ class PruneResult:
     mlp_importance: list[float] | None = None  # ... and across each MLP sublayer
     dropped_attention: list[int] = field(default_factory=list)  # blocks whose attention was removed
     attention_search: list[dict] | None = None  # drop_attention="auto": each count tried, its loss
+    kept_kv_groups: list[torch.Tensor | None] | None = None  # per block, its KV groups kept (kv_groups)
 
     def to_plan(self) -> dict:
-        """A JSON-ready description (kept channels as lists of ints)."""
+        """A JSON-ready description (kept channels and groups as lists of ints)."""
         plan = asdict(self)
         plan["kept_channels"] = [k.tolist() for k in self.kept_channels]
+        if self.kept_kv_groups is not None:
+            plan["kept_kv_groups"] = [None if g is None else g.tolist() for g in self.kept_kv_groups]
         if self.down_biases is not None:
             plan["down_biases"] = [b.tolist() for b in self.down_biases]
         return plan
@@ -122,6 +133,7 @@ def prune(
             "e.g. Gemma 4's double-wide layers); prune it without --uniform"
         )
     drop_count = attention_drop_count(model, config)
+    heads_after = kv_group_cut(model, config)
     config = _with_budget(
         config, model, attention_blocks(blocks)[:drop_count], original
     )  # exact once chosen below
@@ -130,10 +142,17 @@ def prune(
     placement = placement or InMemoryBlocks()
     placement.offload_activations = config.offload_activations
     scores: list[torch.Tensor | None] = [None] * len(blocks)
+    group_scores: list[torch.Tensor | None] = [None] * len(blocks)
 
     def score(index: int, block_stats: BlockStats | None) -> bool:
-        """Channel scores of one block, taken while its weights are on the device."""
+        """Channel (and KV-group) scores of one block, taken while its weights are on the device."""
         scores[index] = _block_scores(block_mlp(blocks[index]), block_stats, config)
+        if heads_after is not None and block_stats is not None and block_stats.heads is not None:
+            attention = getattr(blocks[index], layouts.ATTENTION)
+            group_size, head_dim = heads_after.group_size, heads_after.head_dim
+            group_scores[index] = kv_group_scores(
+                attention.o_proj.weight, block_stats.heads, group_size, head_dim
+            )
         return False
 
     if wants_stats and stats is None:
@@ -146,6 +165,7 @@ def prune(
             second_moments=False,  # collected one block at a time in the second pass
             window_stats=config.needs_window_stats,
             placement=placement,
+            head_channels=heads_after is not None,
         )
     else:
         stats = stats if wants_stats else [None] * len(blocks)  # e.g. Magnitude-SP: weights only
@@ -163,6 +183,19 @@ def prune(
         log.info(
             f"budget: {config.total_sparsity} of all parameters = {len(dropped)} attention sublayers + FFN "
             f"sparsity {config.sparsity:.4f}"
+        )
+    cut = AttentionCut(dropped=dropped, heads=heads_after)
+    if heads_after is not None:
+        if any(group_scores[i] is None for i in attention_blocks(blocks)):
+            raise CfspError(
+                "--kv-groups scores heads on the calibration pass; run it without precomputed stats"
+            )
+        cut.kept_groups = choose_kv_groups(
+            [None if i in dropped else g for i, g in enumerate(group_scores)], config.kv_groups
+        )
+        log.info(
+            f"removing {config.kv_groups} KV group(s) from each attention sublayer: {heads_after.heads} heads, "
+            f"{heads_after.kv_heads} KV heads remain"
         )
     if dropped:
         log.info(
@@ -189,10 +222,10 @@ def prune(
                 "pass calib beside stats"
             )
         kept, biases, reconstruction = _second_pass(
-            model, calib, kept, config, base, progress, placement, dropped
+            model, calib, kept, config, base, progress, placement, cut
         )
     else:
-        biases = _surgery(model, kept, stats, base, config, placement, dropped)
+        biases = _surgery(model, kept, stats, base, config, placement, cut)
     widths = [int(k.numel()) for k in kept]
     # The refit may have fallen back to the mean; reconstruction is recorded as such, from its start.
     done = config if config.reconstructs else replace(config, compensation=base)
@@ -216,6 +249,7 @@ def prune(
         mlp_importance=mlp_importance,
         dropped_attention=dropped,
         attention_search=search,
+        kept_kv_groups=cut.kept_groups,
     )
 
 
@@ -276,10 +310,12 @@ def _inexact(problem: str, allow_inexact: bool) -> None:
 
 def _with_budget(config: PruneConfig, model: nn.Module, dropped: list[int], full: list[int]) -> PruneConfig:
     """Budget mode: the config with the FFN sparsity that completes ``total_sparsity`` beside the
-    dropped attention sublayers, checked against the widths' reach."""
+    dropped attention sublayers and KV groups, checked against the widths' reach."""
     if config.total_sparsity is None:
         return config
-    config = replace(config, sparsity=budget_sparsity(model, config.total_sparsity, dropped))
+    config = replace(
+        config, sparsity=budget_sparsity(model, config.total_sparsity, dropped, config.kv_groups)
+    )
     check_achievable(config, full)
     return config
 
@@ -342,20 +378,22 @@ def _surgery(
     compensation: str,
     config: PruneConfig,
     placement: InMemoryBlocks,
-    dropped: list[int],
+    cut: AttentionCut,
 ) -> list[torch.Tensor] | None:
-    """Slice every block to its kept channels with its compensation, drop the chosen attention
-    sublayers; returns the added biases."""
+    """Slice every block to its kept channels with its compensation and cut its attention; returns
+    the added biases."""
     done = replace(config, compensation=compensation)
     biases = []
 
-    def compensation_of(index: int, mlp: nn.Module) -> Compensation:
-        down = layouts.down_projection(mlp).weight
+    def compensation_of(index: int, block: nn.Module) -> Compensation:
+        down = layouts.down_projection(block_mlp(block)).weight
         fix = compensate(
             compensation, down, kept[index], stats[index], config.refit_damping, not config.uniform
         )
+        if compensation == "refit":
+            fix.out_weight = _refit_out(block, index, cut, stats[index], config)
         if stats[index] is not None and placement.writing:
-            stats[index].gram = None  # D x D, no longer needed once the block is written
+            stats[index].drop_second_moments()  # D x D, no longer needed once the block is written
         biases.append(fix.bias)
         return fix
 
@@ -366,9 +404,21 @@ def _surgery(
         placement,
         compensated=done.adds_bias,
         uniform=config.uniform,
-        dropped_attention=dropped,
+        attention=cut,
     )
     return biases if done.adds_bias else None
+
+
+def _refit_out(
+    block: nn.Module, index: int, cut: AttentionCut, stats: BlockStats | None, config: PruneConfig
+) -> torch.Tensor | None:
+    """The refit o_proj of a block whose KV groups are cut (None: not cut, or no refit possible)."""
+    groups = cut.kept_groups[index] if cut.kept_groups is not None and index not in cut.dropped else None
+    if groups is None or stats is None or stats.heads is None:
+        return None
+    columns = layouts.group_rows(cut.heads, groups, query=True)
+    out = getattr(block, layouts.ATTENTION).o_proj.weight
+    return refit_out_projection(out, columns, stats.heads, config.refit_damping)
 
 
 def _second_pass(
@@ -379,7 +429,7 @@ def _second_pass(
     compensation: str,
     progress: bool,
     placement: InMemoryBlocks,
-    dropped: list[int],
+    cut: AttentionCut,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None, list[dict] | None]:
     """Prune block by block in a second calibration pass; each block's Gram matrix and activations
     live only there.
@@ -411,10 +461,10 @@ def _second_pass(
         fix = compensate(compensation, down, kept[index], stats, config.refit_damping, not config.uniform)
         if biases is not None:
             biases.append(fix.bias)
-        stats.gram = None  # D x D: free it as soon as the block is done
+        out_weight = _refit_out(block, index, cut, stats, config) if compensation == "refit" else None
+        stats.drop_second_moments()  # D x D: free it as soon as the block is done
         slice_mlp(mlp, kept[index], fix.bias, with_bias=with_bias, down_weight=fix.weight)
-        if index in dropped:
-            layouts.drop_attention(block)
+        cut.apply(index, block, out_weight)
         if reconstruct and kept[index].numel() < full:  # a block that keeps every channel stays as it is
             report = reconstruct_mlp(block, stats.mlp, index, config, progress)
             reports.append(report.to_dict())
@@ -433,9 +483,10 @@ def _second_pass(
         placement=placement,
         record_mlp=reconstruct,
         dense_stream=reconstruct and (pruned_inputs or rechoose),
+        head_channels=cut.heads is not None,
     )
     set_config_widths(model.config, widths, with_bias, uniform=config.uniform)
-    layouts.set_dropped_attention(model.config, dropped)
+    cut.record(model.config)
     if reconstruct:
         _log_reconstruction(reports)
     return kept, biases, (reports if reconstruct else None)

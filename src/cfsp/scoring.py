@@ -44,6 +44,20 @@ def sublayer_importance(stats: list[BlockStats]) -> tuple[list[float], list[floa
     return attention, mlp
 
 
+def kv_group_scores(
+    out_weight: torch.Tensor, heads: BlockStats, group_size: int, head_dim: int
+) -> torch.Tensor:
+    """Each KV group's share of its attention's output energy: ``sum_c ||W_o[:, c]||^2 E[x_c^2]``
+    over the o_proj input columns of the group's query heads (cross terms left out).
+
+    FLAP's channel score (fluctuation times squared column norm) with the second moment instead of
+    the variance, because no bias can stand in for a removed head's mean output.
+    """
+    weight = out_weight.detach().to(heads.sum_sq.device, torch.float64)
+    energy = weight.pow(2).sum(dim=0) * heads.sum_sq / heads.tokens
+    return energy.view(-1, group_size * head_dim).sum(dim=1)
+
+
 # ---------------------------------------------------------------------------------------------
 # Channel (fine) metrics.
 

@@ -7,6 +7,7 @@ per block and returns a smaller dense model.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -80,6 +81,28 @@ def slice_mlp(
         mlp.intermediate_size = int(kept.numel())
 
 
+def slice_kv_groups(attention: nn.Module, kept: torch.Tensor, out_weight: torch.Tensor | None = None) -> None:
+    """Keep KV groups ``kept`` of an attention sublayer: their rows of q/k/v_proj and their columns
+    of o_proj (``out_weight`` [hidden, kept columns] replaces those columns: a refit)."""
+    shape = layouts.head_shape(attention)
+    kept = kept.to(attention.q_proj.weight.device)
+    query, kv = layouts.group_rows(shape, kept, True), layouts.group_rows(shape, kept, False)
+    for name, rows in (("q_proj", query), ("k_proj", kv), ("v_proj", kv)):
+        old = getattr(attention, name)
+        bias = None if old.bias is None else old.bias.detach()[rows]
+        setattr(attention, name, _sliced_linear(old, old.weight.detach()[rows], bias))
+    old = attention.o_proj
+    weight = old.weight.detach()[:, query] if out_weight is None else out_weight
+    bias = None if old.bias is None else old.bias.detach()
+    attention.o_proj = _sliced_linear(old, weight.to(old.weight.device, old.weight.dtype), bias)
+    for name in ("num_heads", "num_attention_heads"):  # families that keep the counts on the module
+        if isinstance(getattr(attention, name, None), int):
+            setattr(attention, name, len(kept) * shape.group_size)
+    for name in ("num_key_value_heads", "num_kv_heads"):
+        if isinstance(getattr(attention, name, None), int):
+            setattr(attention, name, len(kept))
+
+
 def set_config_widths(config, widths: list[int], mlp_bias: bool, uniform: bool = False) -> None:
     """Record per-block widths in ``per_layer_config`` (the global width stays the original), or,
     for a uniform output, the one width as the config's own ``intermediate_size``."""
@@ -97,6 +120,28 @@ def needs_bias(model: nn.Module, compensated: bool) -> bool:
     return compensated or bool(getattr(model.config, "mlp_bias", False))
 
 
+@dataclass
+class AttentionCut:
+    """What happens to the attention sublayers: the blocks that lose theirs, and the KV groups the
+    others keep (per block; None keeps all) with the head counts that leaves."""
+
+    dropped: Collection[int] = ()
+    kept_groups: list[torch.Tensor | None] | None = None
+    heads: layouts.HeadShape | None = None
+
+    def apply(self, index: int, block: nn.Module, out_weight: torch.Tensor | None = None) -> None:
+        """Cut block ``index``'s attention (``out_weight``: a refit o_proj for its kept heads)."""
+        if index in self.dropped:
+            layouts.drop_attention(block)
+        elif self.kept_groups is not None and self.kept_groups[index] is not None:
+            slice_kv_groups(getattr(block, layouts.ATTENTION), self.kept_groups[index], out_weight)
+
+    def record(self, config) -> None:
+        layouts.set_dropped_attention(config, sorted(self.dropped))
+        if self.heads is not None:
+            layouts.set_head_counts(config, self.heads)
+
+
 def apply_pruning(
     model: nn.Module,
     kept_channels: list[torch.Tensor],
@@ -104,25 +149,24 @@ def apply_pruning(
     placement: InMemoryBlocks | None = None,
     compensated: bool = False,
     uniform: bool = False,
-    dropped_attention: Collection[int] = (),
+    attention: AttentionCut | None = None,
 ) -> None:
-    """The loop that slices a model: every block to its kept channels (and without its attention
-    where ``dropped_attention`` lists it), then the config.
+    """The loop that slices a model: every block to its kept channels and its attention cut, then
+    the config.
 
-    ``compensation_of(index, mlp)`` gives the block's down projection weight and bias to add (a
-    refit, a mean bias or the plan's bias), computed while the block's dense weights are on the
-    device; ``placement`` onloads and offloads (or writes) each block around its turn.
+    ``compensation_of(index, block)`` gives the block's down projection weight and bias to add (a
+    refit, a mean bias or the plan's bias) and any refit o_proj, computed while the block's dense
+    weights are on the device; ``placement`` onloads and offloads (or writes) each block around its turn.
     """
     placement = placement or InMemoryBlocks()
+    attention = attention or AttentionCut()
     with_bias = needs_bias(model, compensated)
     for index, (block, kept) in enumerate(zip(decoder_blocks(model), kept_channels, strict=True)):
         placement.onload(index)
-        mlp = block_mlp(block)
-        fix = compensation_of(index, mlp) if compensation_of is not None else Compensation()
-        slice_mlp(mlp, kept, fix.bias, with_bias=with_bias, down_weight=fix.weight)
-        if index in dropped_attention:
-            layouts.drop_attention(block)
+        fix = compensation_of(index, block) if compensation_of is not None else Compensation()
+        slice_mlp(block_mlp(block), kept, fix.bias, with_bias=with_bias, down_weight=fix.weight)
+        attention.apply(index, block, fix.out_weight)
         placement.offload(index)
         return_freed_memory()
     set_config_widths(model.config, [int(k.numel()) for k in kept_channels], with_bias, uniform)
-    layouts.set_dropped_attention(model.config, sorted(dropped_attention))
+    attention.record(model.config)

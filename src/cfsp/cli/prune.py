@@ -81,6 +81,7 @@ def prune(
     ] = False,
     uniform: Annotated[bool, typer.Option("--uniform", help=option_help("uniform"))] = False,
     drop_attention: Annotated[str, typer.Option(help=option_help("drop_attention"))] = "0",
+    kv_groups: Annotated[int, typer.Option(help=option_help("kv_groups"))] = 0,
     total_sparsity: Annotated[float | None, typer.Option(help=option_help("total_sparsity"))] = None,
     sequential: Annotated[bool, typer.Option("--sequential", help=option_help("sequential"))] = False,
     allow_inexact: Annotated[
@@ -138,6 +139,7 @@ def prune(
         reconstruct_schedule=reconstruct_schedule,
         uniform=uniform,
         drop_attention=_count_or_word(drop_attention),
+        kv_groups=kv_groups,
         total_sparsity=total_sparsity,
         sequential=sequential,
         allow_inexact=allow_inexact,

@@ -54,6 +54,11 @@ def totals_table(result, cost: dict | None = None) -> Table:
     if result.dropped_attention:
         blocks = ", ".join(map(str, result.dropped_attention))
         table.add_row("attention dropped", f"{len(result.dropped_attention)} sublayers (blocks {blocks})")
+    if result.options.get("kv_groups"):
+        kept = next(len(g) for g in result.kept_kv_groups if g is not None)
+        table.add_row(
+            "KV groups", f"{result.options['kv_groups']} removed, {kept} kept per attention sublayer"
+        )
     table.add_row("parameters before", f"{result.params_before:,}")
     table.add_row(
         "parameters after", f"{result.params_after:,} ({result.params_after / result.params_before:.3f}x)"
