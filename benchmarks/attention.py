@@ -1,8 +1,8 @@
-"""Attention dropping against FFN-only pruning at the same total parameter reduction.
+"""Attention cuts against FFN-only pruning at the same total parameter reduction.
 
 For one model and each budget (a share of *all* parameters, ``--total-sparsity``): FFN-only CFSP,
-and CFSP with N attention sublayers dropped (those that turn the residual stream least) and the
-FFN sparsity lowered to keep the same budget. Quality: WikiText-2 test perplexity (transformers)
+CFSP with N attention sublayers dropped (those that turn the residual stream least), and CFSP with
+K KV groups removed from every attention sublayer, the FFN sparsity lowered to keep the same budget. Quality: WikiText-2 test perplexity (transformers)
 per calibration seed, and the zero-shot mean for the first seed. Serving (``--gguf``, Llama-style
 families only): each variant exported to f16 GGUF (llama.cpp's deci), timed in llama.cpp on this
 CPU at two context lengths (prefill of the whole prompt, then decode after it; every file once
@@ -10,12 +10,14 @@ per round, medians; with flash attention, without which llama.cpp pads every lay
 the widest layer's), and the KV-cache bytes at each context. Writes results/attention_<model>.*.
 
     python benchmarks/attention.py --model smollm2 --gguf
+    python benchmarks/attention.py --model smollm2 --drops 0 --kv-groups 1 --tag kv --gguf
     python benchmarks/attention.py --model gemma3-270m
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import tempfile
 import time
@@ -31,7 +33,8 @@ from cfsp.outdir import write_text_atomic
 
 
 def kv_bytes(config, attention_blocks: int, context: int, element_bytes: int = 2) -> int:
-    """K and V of every block with attention, for ``context`` tokens, in f16."""
+    """K and V of every block with attention, for ``context`` tokens, in f16 (``config``: the
+    pruned model's, whose KV heads a KV-group cut lowers)."""
     heads = config.num_key_value_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * attention_blocks * heads * head_dim * context * element_bytes
@@ -44,6 +47,10 @@ def main() -> None:
     parser.add_argument(
         "--drops", nargs="+", default=["2", "4"], help="attention sublayers dropped: counts, or auto"
     )
+    parser.add_argument(
+        "--kv-groups", type=int, nargs="+", default=[], help="KV groups removed per attention sublayer"
+    )
+    parser.add_argument("--kv-metrics", nargs="+", default=["refit"], help="KV-group metrics to compare")
     parser.add_argument("--tag", default="", help="suffix of the result files")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--nsamples", type=int, default=32)
@@ -57,8 +64,12 @@ def main() -> None:
     args = parser.parse_args()
 
     drops = [0] + [d if d == "auto" else int(d) for d in args.drops if d != "0"]
-    variants = [(f"{budget:.0%} {'FFN only' if n == 0 else f'attn -{n}'}", budget, n)
-                for budget in args.budgets for n in drops]  # fmt: skip
+    cuts = [(n, 0, None) for n in drops] + [(0, k, m) for k in args.kv_groups if k for m in args.kv_metrics]
+    variants = [
+        (f"{budget:.0%} {_cut_label(n, k, m)}", budget, n, k, m)
+        for budget in args.budgets
+        for n, k, m in cuts
+    ]
     rows: dict[str, dict] = {}
     scratch = tempfile.TemporaryDirectory(prefix="cfsp-attention-")
     folder = Path(scratch.name)
@@ -69,7 +80,7 @@ def main() -> None:
         dense_config = setup.model.config
         blocks = dense_config.num_hidden_layers
         if "dense" not in rows:
-            rows["dense"] = dict(label="dense", budget=0.0, dropped=0, ppl=[], params=None)
+            rows["dense"] = dict(label="dense", budget=0.0, dropped=0, kv_groups=0, ppl=[], params=None)
             if args.gguf:
                 setup.model.save_pretrained(folder / "dense")
                 setup.tokenizer.save_pretrained(folder / "dense")
@@ -78,16 +89,24 @@ def main() -> None:
             rows["dense"]["ppl"].append(wikitext_ppl(setup.model, setup.tokenizer, args.ppl_windows, 512))
             rows["dense"]["params"] = count_parameters(setup.model)
             rows["dense"]["attention_blocks"] = blocks
+            rows["dense"]["kv_heads"] = dense_config.num_key_value_heads
             rows["dense"]["zero_shot_mean"] = zero_shot_mean(
                 evaluate(setup.model, setup.tokenizer, ZERO_SHOT_TASKS, limit=args.limit, seqlen=512)[
                     "results"
                 ]
             )
-        for label, budget, drop in variants:
+        for label, budget, drop, kv_groups, metric in variants:
             started = time.perf_counter()
-            model, result = pruned_variant(setup, None, total_sparsity=budget, drop_attention=drop)
+            if kv_groups:  # the heads' statistics come from a calibration pass of its own
+                model = copy.deepcopy(setup.model)
+                options = dict(total_sparsity=budget, kv_groups=kv_groups, kv_group_metric=metric)
+                result = cfsp.prune(model, setup.calib, progress=False, **options)
+            else:
+                model, result = pruned_variant(setup, None, total_sparsity=budget, drop_attention=drop)
             ppl = wikitext_ppl(model, setup.tokenizer, args.ppl_windows, 512)
-            row = rows.setdefault(label, dict(label=label, budget=budget, dropped=drop, ppl=[], seeds=[]))
+            row = rows.setdefault(
+                label, dict(label=label, budget=budget, dropped=drop, kv_groups=kv_groups, ppl=[], seeds=[])
+            )
             row["ppl"].append(ppl)
             row["seeds"].append(
                 dict(
@@ -98,6 +117,10 @@ def main() -> None:
             )
             row["params"] = result.params_after
             row["attention_blocks"] = blocks - len(result.dropped_attention)
+            row["kv_heads"] = model.config.num_key_value_heads
+            if result.kept_kv_groups is not None:
+                kept = [None if g is None else g.tolist() for g in result.kept_kv_groups]
+                row["seeds"][-1]["kept_kv_groups"] = kept
             if result.attention_search:
                 row["seeds"][-1]["search"] = result.attention_search
             message = f"seed {seed} {label}: ppl {ppl:.2f}, dropped {result.dropped_attention}, FFN sparsity"
@@ -123,8 +146,10 @@ def main() -> None:
     for row in rows.values():
         row["ppl_mean"] = statistics.mean(row["ppl"])
         row["total_sparsity"] = 1 - row["params"] / rows["dense"]["params"]
+        config = copy.copy(dense_config)
+        config.num_key_value_heads = row["kv_heads"]
         for context in args.contexts:
-            row[f"kv_mb_{context}"] = kv_bytes(dense_config, row["attention_blocks"], context) / 1e6
+            row[f"kv_mb_{context}"] = kv_bytes(config, row["attention_blocks"], context) / 1e6
     if args.gguf:
         for context in args.contexts:
             print(f"timing llama.cpp at {context} tokens of context ...", flush=True)
@@ -144,7 +169,7 @@ def main() -> None:
             zero_shot=f"7 tasks x {args.limit} examples, first seed only",
             speed=f"llama.cpp f16 with flash attention on this CPU, prompts of {args.contexts} tokens then "
             f"{args.decode_tokens} decoded, median of {args.rounds} rounds",
-            kv_cache="f16 K and V of the blocks that keep attention",
+            kv_cache="f16 K and V of the blocks that keep attention, at their KV head count",
         ),
         rows=list(rows.values()),
     )
@@ -153,11 +178,17 @@ def main() -> None:
     print(markdown(payload, args))
 
 
+def _cut_label(dropped, kv_groups: int, metric: str | None) -> str:
+    if kv_groups:
+        return f"KV groups -{kv_groups} ({metric})"
+    return "FFN only" if dropped == 0 else f"attn -{dropped}"
+
+
 def markdown(payload: dict, args) -> str:
     rows = payload["rows"]
     dense = rows[0]
     head = "| variant | params (total sparsity) | FFN sparsity | dropped blocks | ppl per seed | ppl mean | zero-shot |"
-    lines = [f"# Attention dropping vs FFN-only at equal total parameters: {payload['model']}", "",
+    lines = [f"# Attention cuts vs FFN-only at equal total parameters: {payload['model']}", "",
              f"{payload['when']}. " + "; ".join(f"{k}: {v}" for k, v in payload["protocol"].items()) + ".", "",
              head, "|---" * (head.count("|") - 1) + "|"]  # fmt: skip
     for row in rows:

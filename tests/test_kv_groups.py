@@ -70,6 +70,26 @@ def test_the_group_that_adds_nothing_is_the_one_removed():
     assert [g.tolist() for g in result.kept_kv_groups] == [[1], [0], [1], [0]]
 
 
+def test_the_refit_metric_sees_that_a_duplicate_group_can_take_over():
+    """Group 1 computes exactly what group 0 computes: removing either loses nothing once o_proj is
+    refit, which the refit error says and the output energy does not."""
+    from cfsp.calibration import calibrate
+    from cfsp.scoring import kv_group_scores
+
+    model = make_tiny_model("llama")
+    attention = model.model.layers[0].self_attn
+    shape = layouts.head_shape(attention)
+    with torch.no_grad():
+        for name, query in (("q_proj", True), ("k_proj", False), ("v_proj", False)):
+            rows = [layouts.group_rows(shape, torch.tensor([g]), query) for g in (0, 1)]
+            getattr(attention, name).weight[rows[1]] = getattr(attention, name).weight[rows[0]]
+    heads = calibrate(model, windows(32), progress=False, head_channels=True)[0].heads
+    width = shape.group_size * shape.head_dim
+    refit = kv_group_scores("refit", attention.o_proj.weight, heads, width, 1e-8)
+    energy = kv_group_scores("energy", attention.o_proj.weight, heads, width, 1e-8)
+    assert refit.max() < 1e-4 * energy.min()
+
+
 def test_the_o_proj_refit_beats_plain_slicing_on_the_calibration_tokens():
     torch.manual_seed(0)
     x = torch.randn(4, 256, 32, dtype=torch.float64) @ torch.randn(32, 32, dtype=torch.float64)  # correlated

@@ -264,8 +264,8 @@ def calibrate(
     ``record_mlp`` hands ``after_block`` the block's MLP activations (``stats.mlp``, dropped after
     the call); ``dense_stream`` also runs the still-dense block on the dense model's own stream, kept
     beside the modified one, so that a reconstruction can aim at the dense model's outputs.
-    ``head_channels`` also records the input of each attention's o_proj (``stats.heads``), from
-    which KV groups are scored and o_proj is refit.
+    ``head_channels`` also records the input of each attention's o_proj (``stats.heads``, with its
+    Gram matrix), from which KV groups are scored and o_proj is refit.
     """
     placement = placement or InMemoryBlocks()
     if windows.ndim != 2 or windows.numel() == 0:
@@ -298,7 +298,7 @@ def calibrate(
             if layouts.has_attention(block):
                 hooks.append(_record_attention(block, attention))
                 if head_channels and layouts.head_shape(block.self_attn) is not None:
-                    stats.heads = BlockStats(second_moments=second_moments)
+                    stats.heads = BlockStats(second_moments=True)  # small: o_proj's input width
                     hooks.append(
                         block.self_attn.o_proj.register_forward_pre_hook(
                             lambda _module, args, heads=stats.heads: heads.add_tokens(args[0])

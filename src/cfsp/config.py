@@ -16,7 +16,7 @@ from cfsp import allocation as alloc
 from cfsp.compensation import COMPENSATIONS, DEFAULT_DAMPING
 from cfsp.errors import CfspError
 from cfsp.methods import ALLOCATIONS, get_method
-from cfsp.scoring import BLOCK_METRICS, CHANNEL_METRICS, NEEDS_ACTIVATIONS
+from cfsp.scoring import BLOCK_METRICS, CHANNEL_METRICS, KV_GROUP_METRICS, NEEDS_ACTIVATIONS
 
 PRESETS = ("default", "reference")
 SELECTIONS = ("topk", "threshold")
@@ -101,6 +101,11 @@ class PruneConfig:
         "that stays, those adding least to its output on the calibration tokens; o_proj is refit on the "
         "kept heads unless --compensation is none or mean. Cuts the KV cache by this share of the KV heads.",
     )
+    kv_group_metric: str = _option(
+        "refit",
+        "KV-group score: refit (the error the o_proj refit leaves without the group) or energy (the "
+        "group's share of o_proj's output).",
+    )
     total_sparsity: float | None = _option(
         None,
         "Budget mode: the share of all parameters to remove; the FFN sparsity is derived from it after "
@@ -165,6 +170,7 @@ class PruneConfig:
             ("reconstruction target", self.reconstruct_target, RECONSTRUCT_TARGETS),
             ("reconstruction inputs", self.reconstruct_inputs, RECONSTRUCT_INPUTS),
             ("learning-rate schedule", self.reconstruct_schedule, SCHEDULES),
+            ("KV-group metric", self.kv_group_metric, KV_GROUP_METRICS),
         )
         for what, value, allowed in choices:
             if value not in allowed:

@@ -148,11 +148,12 @@ def prune(
         """Channel (and KV-group) scores of one block, taken while its weights are on the device."""
         scores[index] = _block_scores(block_mlp(blocks[index]), block_stats, config)
         if heads_after is not None and block_stats is not None and block_stats.heads is not None:
-            attention = getattr(blocks[index], layouts.ATTENTION)
-            group_size, head_dim = heads_after.group_size, heads_after.head_dim
+            out = getattr(blocks[index], layouts.ATTENTION).o_proj.weight
+            width = heads_after.group_size * heads_after.head_dim
             group_scores[index] = kv_group_scores(
-                attention.o_proj.weight, block_stats.heads, group_size, head_dim
-            )
+                config.kv_group_metric, out, block_stats.heads, width, config.refit_damping
+            ).cpu()
+            block_stats.heads.gram = None  # only the surgery pass keeps one, a block at a time
         return False
 
     if wants_stats and stats is None:

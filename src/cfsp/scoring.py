@@ -44,18 +44,58 @@ def sublayer_importance(stats: list[BlockStats]) -> tuple[list[float], list[floa
     return attention, mlp
 
 
-def kv_group_scores(
-    out_weight: torch.Tensor, heads: BlockStats, group_size: int, head_dim: int
-) -> torch.Tensor:
-    """Each KV group's share of its attention's output energy: ``sum_c ||W_o[:, c]||^2 E[x_c^2]``
-    over the o_proj input columns of the group's query heads (cross terms left out).
+# ---------------------------------------------------------------------------------------------
+# KV-group metrics: one score per KV group of an attention sublayer (higher = keep), from o_proj's
+# weight [H, D] and the statistics of its input (``BlockStats`` with its Gram matrix); each group
+# owns ``width = group_size x head_dim`` consecutive input columns.
 
-    FLAP's channel score (fluctuation times squared column norm) with the second moment instead of
-    the variance, because no bias can stand in for a removed head's mean output.
-    """
+
+def group_output_energy(
+    out_weight: torch.Tensor, heads: BlockStats, width: int, damping: float
+) -> torch.Tensor:
+    """``sum_c ||W_o[:, c]||^2 E[x_c^2]`` over the group's columns: its share of the sublayer's output
+    energy, cross terms left out. FLAP's channel score (fluctuation times squared column norm)
+    with the second moment instead of the variance, since no bias can stand in for a head's mean."""
     weight = out_weight.detach().to(heads.sum_sq.device, torch.float64)
     energy = weight.pow(2).sum(dim=0) * heads.sum_sq / heads.tokens
-    return energy.view(-1, group_size * head_dim).sum(dim=1)
+    return energy.view(-1, width).sum(dim=1)
+
+
+def group_refit_error(
+    out_weight: torch.Tensor, heads: BlockStats, width: int, damping: float
+) -> torch.Tensor:
+    """The error the o_proj refit leaves when the group alone is removed:
+    ``tr(W (G - G[:, K] (G[K, K] + lam I)^-1 G[K, :]) W^T)`` with ``G = E[x x^T]`` and ``K`` the other
+    groups' columns. Unlike the energy it credits what the kept heads can take over (heads that
+    attend alike), which is what the refit then does."""
+    weight = out_weight.detach().to(heads.gram.device, torch.float64)
+    gram = heads.gram / heads.tokens
+    groups = gram.shape[0] // width
+    errors = []
+    for group in range(groups):
+        kept = torch.cat([torch.arange(0, group * width), torch.arange((group + 1) * width, gram.shape[0])])
+        kept = kept.to(gram.device)
+        system = gram[kept][:, kept]
+        lam = damping * system.diagonal().mean().clamp_min(1e-12)
+        system = system + lam * torch.eye(kept.numel(), dtype=gram.dtype, device=gram.device)
+        residual = gram - gram[:, kept] @ torch.linalg.solve(system, gram[kept, :])
+        errors.append(torch.einsum("hi,ij,hj->", weight, residual, weight))
+    return torch.stack(errors)
+
+
+KV_GROUP_METRICS: dict[str, Callable[[torch.Tensor, BlockStats, int, float], torch.Tensor]] = {
+    "refit": group_refit_error,
+    "energy": group_output_energy,
+}
+
+
+def kv_group_scores(
+    metric: str, out_weight: torch.Tensor, heads: BlockStats, width: int, damping: float
+) -> torch.Tensor:
+    """Score every KV group of one attention sublayer (float64, higher = more important)."""
+    if metric not in KV_GROUP_METRICS:
+        raise CfspError(f"unknown KV-group metric {metric!r}; choose one of {', '.join(KV_GROUP_METRICS)}")
+    return KV_GROUP_METRICS[metric](out_weight, heads, width, damping)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -82,6 +82,7 @@ def prune(
     uniform: Annotated[bool, typer.Option("--uniform", help=option_help("uniform"))] = False,
     drop_attention: Annotated[str, typer.Option(help=option_help("drop_attention"))] = "0",
     kv_groups: Annotated[int, typer.Option(help=option_help("kv_groups"))] = 0,
+    kv_group_metric: Annotated[str, typer.Option(help=option_help("kv_group_metric"))] = "refit",
     total_sparsity: Annotated[float | None, typer.Option(help=option_help("total_sparsity"))] = None,
     sequential: Annotated[bool, typer.Option("--sequential", help=option_help("sequential"))] = False,
     allow_inexact: Annotated[
@@ -140,6 +141,7 @@ def prune(
         uniform=uniform,
         drop_attention=_count_or_word(drop_attention),
         kv_groups=kv_groups,
+        kv_group_metric=kv_group_metric,
         total_sparsity=total_sparsity,
         sequential=sequential,
         allow_inexact=allow_inexact,
