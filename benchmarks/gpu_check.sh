@@ -102,6 +102,9 @@ OUT=${OUT:-$(mktemp -d)}
 # the same with two attention sublayers dropped (attention.no_op blocks, no KV cache there)
 "$PY" -m cfsp.cli prune --model "$OUT/dense" --nsamples 32 --seqlen 512 --device cuda --drop-attention 2 --out "$OUT/dropped" >/dev/null
 "$PY" -m cfsp.cli export "$OUT/dropped" --format vllm --out "$OUT/vllm-dropped"
+# and with one of SmolLM2's three KV groups removed from every attention sublayer (6 heads, 2 KV heads)
+"$PY" -m cfsp.cli prune --model "$OUT/dense" --nsamples 32 --seqlen 512 --device cuda --kv-groups 1 --out "$OUT/kv" >/dev/null
+"$PY" -m cfsp.cli export "$OUT/kv" --format vllm --out "$OUT/vllm-kv"
 python3 -m venv "$OUT/vllm-env" && "$OUT/vllm-env/bin/pip" install --quiet vllm
 "$OUT/vllm-env/bin/python" - "$OUT" <<'PYTHON'
 import json, sys, time
@@ -113,7 +116,8 @@ out = sys.argv[1]
 prompts = ["The capital of France is", "def fibonacci(n):", "Photosynthesis is the process", "Once upon a time"]
 greedy = SamplingParams(temperature=0.0, max_tokens=32)
 report = {}
-runs = (("dense", f"{out}/dense", False), ("pruned", f"{out}/vllm", True), ("dropped", f"{out}/vllm-dropped", True))
+runs = (("dense", f"{out}/dense", False), ("pruned", f"{out}/vllm", True), ("dropped", f"{out}/vllm-dropped", True),
+        ("kv", f"{out}/vllm-kv", True))
 for name, folder, remote in runs:
     llm = LLM(folder, trust_remote_code=remote, dtype="float32", gpu_memory_utilization=0.3, enforce_eager=True)
     texts = [o.outputs[0].text for o in llm.generate(prompts, greedy)]
@@ -125,7 +129,7 @@ for name, folder, remote in runs:
     torch.cuda.empty_cache()
 # transformers on the same GPU, the pruned directories through cfsp's modeling file
 tok = AutoTokenizer.from_pretrained(f"{out}/pruned")
-for name in ("pruned", "dropped"):
+for name in ("pruned", "dropped", "kv"):
     hf = AutoModelForCausalLM.from_pretrained(f"{out}/{name}", trust_remote_code=True, dtype=torch.float32).cuda()
     agree = []
     for prompt, text in zip(prompts, report[name]["texts"]):

@@ -311,3 +311,26 @@ def test_cli_cuts_kv_groups_and_reports_them(tmp_path):
     assert "KV groups" in done.output and "1 kept per attention sublayer" in done.output
     refused = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "no"), "--kv-groups", "2"])
     assert refused.exit_code == 2 and refused.output.count("error:") == 1 and not (tmp_path / "no").exists()
+
+
+def test_ig_lora_recovery_trains_a_model_with_fewer_kv_heads(tmp_path):
+    from cfsp.recovery import PadCollator, RecoveryConfig, load_recovery_data, recover
+
+    tokenizer = make_byte_tokenizer()
+    model = make_tiny_model("llama")
+    result = cfsp.prune(model, windows(32), 0.5, multiple=32, kv_groups=1, progress=False)
+    text = tmp_path / "tiny.txt"
+    text.write_text("the cat sat on the mat and the dog ran to the log. " * 30, encoding="utf-8")
+    dataset = load_recovery_data(text, tokenizer, seqlen=32)
+    batch = PadCollator(0)([dataset[i] for i in range(len(dataset))])
+
+    def loss(net) -> float:
+        with torch.no_grad():
+            return net(**batch).loss.item()
+
+    before = loss(model)
+    config = RecoveryConfig(steps=8, lr=1e-2, batch_size=4, grad_accum=1, seqlen=32, save_steps=100)
+    done = recover(model, tokenizer, dataset, result.block_importance, config, output_dir=tmp_path / "run")
+    assert done.steps == 8 and loss(done.model) < before - 0.1
+    key = done.model.model.layers[0].self_attn.k_proj
+    assert getattr(key, "base_layer", key).out_features == 16

@@ -98,8 +98,8 @@ class PruneConfig:
     kv_groups: int = _option(
         0,
         "KV groups (a KV head and the query heads that read it) to remove from every attention sublayer "
-        "that stays, those adding least to its output on the calibration tokens; o_proj is refit on the "
-        "kept heads unless --compensation is none or mean. Cuts the KV cache by this share of the KV heads.",
+        "that stays, the lowest-scoring by kv_group_metric on the calibration tokens; o_proj is refit on "
+        "the kept heads unless --compensation is none or mean. The KV cache loses as many KV heads.",
     )
     kv_group_metric: str = _option(
         "refit",
