@@ -68,6 +68,36 @@ def assert_llama_cpp_agrees(path, model, ids: torch.Tensor) -> None:
     assert perplexity(path, ids) == pytest.approx(float(torch.exp(nll)), rel=0.01)
 
 
+def cli_prune_args(folder, nsamples: int = 4) -> list[str]:
+    """``cfsp prune`` arguments for a tiny Llama saved in ``folder`` with a small text corpus."""
+    source, corpus = folder / "m", folder / "corpus.txt"
+    make_tiny_model("llama").save_pretrained(source)
+    make_byte_tokenizer().save_pretrained(source)
+    corpus.write_text("\n".join(f"sentence number {i} for calibration" for i in range(300)))
+    return ["prune", "--model", str(source), "--calib-source", str(corpus), "--nsamples", str(nsamples),
+            "--seqlen", "32", "--multiple", "32"]  # fmt: skip
+
+
+def recover_briefly(model, result, folder):
+    """Eight IG-LoRA steps on a tiny text; returns (the recovery's result, loss before, loss after)."""
+    from cfsp.recovery import PadCollator, RecoveryConfig, load_recovery_data, recover
+
+    tokenizer = make_byte_tokenizer()
+    text = folder / "tiny.txt"
+    text.write_text("the cat sat on the mat and the dog ran to the log. " * 30, encoding="utf-8")
+    dataset = load_recovery_data(text, tokenizer, seqlen=32)
+    batch = PadCollator(0)([dataset[i] for i in range(len(dataset))])
+
+    def loss(net) -> float:
+        with torch.no_grad():
+            return net(**batch).loss.item()
+
+    before = loss(model)
+    config = RecoveryConfig(steps=8, lr=1e-2, batch_size=4, grad_accum=1, seqlen=32, save_steps=100)
+    done = recover(model, tokenizer, dataset, result.block_importance, config, output_dir=folder / "run")
+    return done, before, loss(done.model)
+
+
 def make_byte_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer (ids 4..259 are bytes) that needs no files."""
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}

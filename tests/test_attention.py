@@ -9,7 +9,15 @@ import sys
 
 import pytest
 import torch
-from conftest import FAMILIES, VOCAB, bpe_tokenizer, make_byte_tokenizer, make_tiny_model
+from conftest import (
+    FAMILIES,
+    VOCAB,
+    bpe_tokenizer,
+    cli_prune_args,
+    make_byte_tokenizer,
+    make_tiny_model,
+    recover_briefly,
+)
 from real_models import DEFAULT_CONFIGS, REAL_CONFIGS, make_real_model
 
 import cfsp
@@ -124,21 +132,29 @@ def test_generation_with_a_cache_equals_generation_without(family, dropped):
     model = make_tiny_model(family)
     for index in dropped:
         layouts.drop_attention(model.model.layers[index])
-    prompt = windows(1, 10)
+    assert_cached_generation_agrees(model, windows(1, 10), 12)
+
+
+def assert_cached_generation_agrees(model, prompt: torch.Tensor, tokens: int) -> None:
+    """Greedy generation with a KV cache equals greedy generation recomputing every prefix."""
     with torch.no_grad():
-        cached = model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
+        cached = model.generate(prompt, max_new_tokens=tokens, do_sample=False, use_cache=True)
         sequence = prompt
-        for _ in range(12):
+        for _ in range(tokens):
             sequence = torch.cat([sequence, model(sequence).logits[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(cached, sequence)
 
 
+def saved_source(family: str, folder):
+    """A tiny model of ``family`` saved with a tokenizer in ``folder``; returns (folder, it loaded)."""
+    make_tiny_model(family).save_pretrained(folder)
+    make_byte_tokenizer().save_pretrained(folder)
+    return folder, cfsp.load_model(folder, device="cpu")[0]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_saved_model_reloads_and_streams_without_the_dropped_attention(family, tmp_path):
-    source = tmp_path / "source"
-    make_tiny_model(family).save_pretrained(source)
-    make_byte_tokenizer().save_pretrained(source)
-    model, _ = cfsp.load_model(source, device="cpu")
+    source, model = saved_source(family, tmp_path / "source")
     calib = windows()
     options = dict(multiple=32, drop_attention=2, progress=False)
     result = cfsp.prune(model, calib, 0.5, **options)
@@ -176,9 +192,7 @@ def test_every_family_drops_attention_and_loads_with_stock_transformers(tmp_path
     """Each published config (shrunk): an attention sublayer dropped, saved, and loaded by stock
     transformers with trust_remote_code in a process where cfsp cannot be imported."""
     calib = windows()
-    x = calib[:2, :40]
-    torch.save(x, tmp_path / "x.pt")
-    folders, expected = [], {}
+    pruned = {}
     for name in REAL_FAMILIES:
         model = make_real_model(name)
         if getattr(model.config, "num_kv_shared_layers", 0):
@@ -191,20 +205,29 @@ def test_every_family_drops_attention_and_loads_with_stock_transformers(tmp_path
             continue
         result = cfsp.prune(model, calib, 0.5, multiple=32, drop_attention=1, progress=False)
         assert len(result.dropped_attention) == 1, name
-        folder = tmp_path / name
-        cfsp.save_pruned(model, make_byte_tokenizer(), result, folder)
+        pruned[name] = (model, result)
+    assert_stock_transformers_agrees(tmp_path, calib[:2, :40], pruned)
+
+
+def assert_stock_transformers_agrees(folder, x: torch.Tensor, pruned: dict) -> None:
+    """Each pruned model (name -> (model, result)) saved under ``folder`` and loaded by stock
+    transformers with trust_remote_code, in a process where cfsp cannot be imported, gives the
+    in-memory model's logits on ``x`` exactly."""
+    torch.save(x, folder / "x.pt")
+    expected = {}
+    for name, (model, result) in pruned.items():
+        cfsp.save_pruned(model, make_byte_tokenizer(), result, folder / name)
         with torch.no_grad():
-            expected[str(folder)] = model(x).logits
-        folders.append(str(folder))
+            expected[str(folder / name)] = model(x).logits
     done = subprocess.run(
-        [sys.executable, "-c", STOCK_LOAD, str(tmp_path / "x.pt"), *folders],
+        [sys.executable, "-c", STOCK_LOAD, str(folder / "x.pt"), *expected],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    for folder in folders:
-        assert torch.equal(torch.load(folder + ".stock.pt"), expected[folder]), folder
+    for path, logits in expected.items():
+        assert torch.equal(torch.load(path + ".stock.pt"), logits), path
 
 
 def test_budget_mode_removes_the_share_of_all_parameters():
@@ -293,12 +316,7 @@ def test_cli_prints_the_sublayer_columns_only_when_attention_is_dropped(tmp_path
 
     from cfsp.cli import app
 
-    source, corpus = tmp_path / "m", tmp_path / "corpus.txt"
-    make_tiny_model("llama").save_pretrained(source)
-    make_byte_tokenizer().save_pretrained(source)
-    corpus.write_text("\n".join(f"sentence number {i} for calibration" for i in range(300)))
-    common = ["prune", "--model", str(source), "--calib-source", str(corpus), "--nsamples", "4"]
-    common += ["--seqlen", "32", "--multiple", "32"]
+    common = cli_prune_args(tmp_path)
     plain = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "plain")])
     dropped = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "dropped"), "--drop-attention", "1"])
     assert plain.exit_code == 0 and dropped.exit_code == 0, plain.output + dropped.output
@@ -380,24 +398,10 @@ def test_vllm_export_refuses_a_first_block_without_attention(tmp_path):
 
 
 def test_ig_lora_recovery_trains_a_model_with_blocks_without_attention(tmp_path):
-    from cfsp.recovery import PadCollator, RecoveryConfig, load_recovery_data, recover
-
-    tokenizer = make_byte_tokenizer()
     model = make_tiny_model("llama")
     result = cfsp.prune(model, windows(), 0.5, multiple=32, drop_attention=1, progress=False)
-    text = tmp_path / "tiny.txt"
-    text.write_text("the cat sat on the mat and the dog ran to the log. " * 30, encoding="utf-8")
-    dataset = load_recovery_data(text, tokenizer, seqlen=32)
-    batch = PadCollator(0)([dataset[i] for i in range(len(dataset))])
-
-    def loss(net) -> float:
-        with torch.no_grad():
-            return net(**batch).loss.item()
-
-    before = loss(model)
-    config = RecoveryConfig(steps=8, lr=1e-2, batch_size=4, grad_accum=1, seqlen=32, save_steps=100)
-    done = recover(model, tokenizer, dataset, result.block_importance, config, output_dir=tmp_path / "run")
-    assert done.steps == 8 and loss(done.model) < before - 0.1
+    done, before, after = recover_briefly(model, result, tmp_path)
+    assert done.steps == 8 and after < before - 0.1
     blocks = done.model.model.layers
     assert isinstance(blocks[result.dropped_attention[0]].self_attn, layouts.NoAttention)
 

@@ -203,15 +203,21 @@ def smollm2_tokenizer():
     return load_tokenizer(path.parent, path.name)
 
 
-@pytest.mark.llamacpp
-def test_uniform_qwen3_goes_through_llama_cpps_converter_and_matches_transformers(tmp_path):
+def qwen3_with_smollm2_vocabulary():
+    """A tiny random Qwen3 (4 heads, 2 KV heads) with SmolLM2's tokenizer, which llama.cpp's
+    converter recognises; returns (model, tokenizer)."""
     from transformers import AutoModelForCausalLM, Qwen3Config
 
     tokenizer = smollm2_tokenizer()
     torch.manual_seed(0)
     config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)  # fmt: skip
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval(), tokenizer
+
+
+@pytest.mark.llamacpp
+def test_uniform_qwen3_goes_through_llama_cpps_converter_and_matches_transformers(tmp_path):
+    model, tokenizer = qwen3_with_smollm2_vocabulary()
     calib = torch.randint(100, len(tokenizer), (16, 64), generator=torch.Generator().manual_seed(0))
     result = cfsp.prune(model, calib, 0.5, multiple=32, uniform=True, progress=False)
     cfsp.save_pruned(model, tokenizer, result, tmp_path / "uniform")

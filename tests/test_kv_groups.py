@@ -6,14 +6,25 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import FAMILIES, assert_llama_cpp_agrees, bpe_tokenizer, make_byte_tokenizer, make_tiny_model
+from conftest import (
+    FAMILIES,
+    assert_llama_cpp_agrees,
+    bpe_tokenizer,
+    cli_prune_args,
+    make_byte_tokenizer,
+    make_tiny_model,
+    recover_briefly,
+)
 from real_models import DEFAULT_CONFIGS, REAL_CONFIGS, make_real_model
-from test_attention import STOCK_LOAD, windows
+from test_attention import (
+    assert_cached_generation_agrees,
+    assert_stock_transformers_agrees,
+    saved_source,
+    windows,
+)
 
 import cfsp
 from cfsp import layouts
@@ -110,10 +121,7 @@ def test_the_o_proj_refit_beats_plain_slicing_on_the_calibration_tokens():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_saved_model_reloads_streams_and_generates_with_fewer_kv_heads(family, tmp_path):
-    source = tmp_path / "source"
-    make_tiny_model(family).save_pretrained(source)
-    make_byte_tokenizer().save_pretrained(source)
-    model, _ = cfsp.load_model(source, device="cpu")
+    source, model = saved_source(family, tmp_path / "source")
     calib = windows(32)
     options = dict(multiple=32, kv_groups=1, drop_attention=1, progress=False)
     result = cfsp.prune(model, calib, 0.5, **options)
@@ -131,12 +139,7 @@ def test_saved_model_reloads_streams_and_generates_with_fewer_kv_heads(family, t
         assert [g if g is None else g.tolist() for g in streamed.kept_kv_groups] == plan["kept_kv_groups"]
         again, _ = cfsp.load_pruned(tmp_path / "streamed", device="cpu")
         torch.testing.assert_close(again(calib[:2]).logits, expected, rtol=1e-5, atol=1e-5)
-        prompt = calib[:1, :10]
-        cached = model.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=True)
-        sequence = prompt
-        for _ in range(8):
-            sequence = torch.cat([sequence, model(sequence).logits[:, -1].argmax(-1, keepdim=True)], 1)
-        assert torch.equal(cached, sequence)
+    assert_cached_generation_agrees(model, calib[:1, :10], 8)
 
 
 def test_apply_plan_replays_the_kv_groups():
@@ -187,9 +190,7 @@ def test_every_family_cuts_kv_groups_or_refuses_in_one_line(tmp_path):
     with trust_remote_code in a process where cfsp cannot be imported; or a one-line refusal where
     groups cannot be cut (one KV head, fused or jointly normalised projections, shared KV caches)."""
     calib = windows(32)
-    x = calib[:2, :40]
-    torch.save(x, tmp_path / "x.pt")
-    folders, expected, refused = [], {}, {}
+    pruned, refused = {}, {}
     for name in REAL_FAMILIES:
         model = make_real_model(name, heads=8)  # with the published ratio of query to KV heads
         try:
@@ -200,21 +201,9 @@ def test_every_family_cuts_kv_groups_or_refuses_in_one_line(tmp_path):
             continue
         kept = next(g for g in result.kept_kv_groups if g is not None)
         assert model.config.num_key_value_heads == kept.numel(), name
-        folder = tmp_path / name
-        cfsp.save_pruned(model, make_byte_tokenizer(), result, folder)
-        with torch.no_grad():
-            expected[str(folder)] = model(x).logits
-        folders.append(str(folder))
-    assert len(folders) >= 10, refused  # the others have one KV head, or no separable groups
-    done = subprocess.run(
-        [sys.executable, "-c", STOCK_LOAD, str(tmp_path / "x.pt"), *folders],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    for folder in folders:
-        assert torch.equal(torch.load(folder + ".stock.pt"), expected[folder]), folder
+        pruned[name] = (model, result)
+    assert len(pruned) >= 10, refused  # the others have one KV head, or no separable groups
+    assert_stock_transformers_agrees(tmp_path, calib[:2, :40], pruned)
 
 
 def test_a_uniform_output_with_fewer_kv_heads_is_a_stock_checkpoint(tmp_path):
@@ -257,17 +246,12 @@ def test_llama_cpp_deci_runs_fewer_kv_heads_like_transformers(family, tmp_path):
 @pytest.mark.llamacpp
 def test_a_uniform_qwen3_with_fewer_kv_heads_goes_through_llama_cpps_converter(tmp_path):
     from gguf import GGUFReader
-    from test_export import smollm2_tokenizer
-    from transformers import AutoModelForCausalLM, Qwen3Config
+    from test_export import qwen3_with_smollm2_vocabulary
 
     from cfsp.evaluation import wikitext_ids
     from cfsp.export import export_gguf
 
-    tokenizer = smollm2_tokenizer()
-    torch.manual_seed(0)
-    config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)  # fmt: skip
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model, tokenizer = qwen3_with_smollm2_vocabulary()
     calib = torch.randint(100, len(tokenizer), (32, 64), generator=torch.Generator().manual_seed(0))
     result = cfsp.prune(model, calib, 0.5, multiple=32, uniform=True, kv_groups=1, progress=False)
     cfsp.save_pruned(model, tokenizer, result, tmp_path / "uniform")
@@ -300,12 +284,7 @@ def test_cli_cuts_kv_groups_and_reports_them(tmp_path):
 
     from cfsp.cli import app
 
-    source, corpus = tmp_path / "m", tmp_path / "corpus.txt"
-    make_tiny_model("llama").save_pretrained(source)
-    make_byte_tokenizer().save_pretrained(source)
-    corpus.write_text("\n".join(f"sentence number {i} for calibration" for i in range(300)))
-    common = ["prune", "--model", str(source), "--calib-source", str(corpus), "--nsamples", "8"]
-    common += ["--seqlen", "32", "--multiple", "32"]
+    common = cli_prune_args(tmp_path, nsamples=8)
     done = CliRunner().invoke(app, [*common, "--out", str(tmp_path / "cut"), "--kv-groups", "1"])
     assert done.exit_code == 0, done.output
     assert "KV groups" in done.output and "1 kept per attention sublayer" in done.output
@@ -314,23 +293,9 @@ def test_cli_cuts_kv_groups_and_reports_them(tmp_path):
 
 
 def test_ig_lora_recovery_trains_a_model_with_fewer_kv_heads(tmp_path):
-    from cfsp.recovery import PadCollator, RecoveryConfig, load_recovery_data, recover
-
-    tokenizer = make_byte_tokenizer()
     model = make_tiny_model("llama")
     result = cfsp.prune(model, windows(32), 0.5, multiple=32, kv_groups=1, progress=False)
-    text = tmp_path / "tiny.txt"
-    text.write_text("the cat sat on the mat and the dog ran to the log. " * 30, encoding="utf-8")
-    dataset = load_recovery_data(text, tokenizer, seqlen=32)
-    batch = PadCollator(0)([dataset[i] for i in range(len(dataset))])
-
-    def loss(net) -> float:
-        with torch.no_grad():
-            return net(**batch).loss.item()
-
-    before = loss(model)
-    config = RecoveryConfig(steps=8, lr=1e-2, batch_size=4, grad_accum=1, seqlen=32, save_steps=100)
-    done = recover(model, tokenizer, dataset, result.block_importance, config, output_dir=tmp_path / "run")
-    assert done.steps == 8 and loss(done.model) < before - 0.1
+    done, before, after = recover_briefly(model, result, tmp_path)
+    assert done.steps == 8 and after < before - 0.1
     key = done.model.model.layers[0].self_attn.k_proj
     assert getattr(key, "base_layer", key).out_features == 16
