@@ -299,3 +299,13 @@ def test_ig_lora_recovery_trains_a_model_with_fewer_kv_heads(tmp_path):
     assert done.steps == 8 and after < before - 0.1
     key = done.model.model.layers[0].self_attn.k_proj
     assert getattr(key, "base_layer", key).out_features == 16
+
+
+def test_kv_groups_refuse_precomputed_statistics_before_any_work():
+    from cfsp.calibration import calibrate
+
+    model = make_tiny_model("llama")
+    stats = calibrate(model, windows(), progress=False)
+    with pytest.raises(CfspError, match="own calibration pass"):
+        cfsp.prune(model, windows(), 0.5, multiple=32, kv_groups=1, stats=stats, progress=False)
+    assert model.model.layers[0].self_attn.k_proj.out_features == 32

@@ -297,10 +297,11 @@ def calibrate(
             attention: list[torch.Tensor] = []
             if layouts.has_attention(block):
                 hooks.append(_record_attention(block, attention))
-                if head_channels and layouts.head_shape(block.self_attn) is not None:
+                attention_module = getattr(block, layouts.ATTENTION)
+                if head_channels and layouts.head_shape(attention_module) is not None:
                     stats.heads = BlockStats(second_moments=True)  # small: o_proj's input width
                     hooks.append(
-                        block.self_attn.o_proj.register_forward_pre_hook(
+                        attention_module.o_proj.register_forward_pre_hook(
                             lambda _module, args, heads=stats.heads: heads.add_tokens(args[0])
                         )
                     )

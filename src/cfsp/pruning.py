@@ -134,6 +134,8 @@ def prune(
         )
     drop_count = attention_drop_count(model, config)
     heads_after = kv_group_cut(model, config)
+    if heads_after is not None and stats is not None:
+        raise CfspError("--kv-groups scores heads on its own calibration pass; call prune without stats")
     config = _with_budget(
         config, model, attention_blocks(blocks)[:drop_count], original
     )  # exact once chosen below
@@ -187,10 +189,6 @@ def prune(
         )
     cut = AttentionCut(dropped=dropped, heads=heads_after)
     if heads_after is not None:
-        if any(group_scores[i] is None for i in attention_blocks(blocks)):
-            raise CfspError(
-                "--kv-groups scores heads on the calibration pass; run it without precomputed stats"
-            )
         cut.kept_groups = choose_kv_groups(
             [None if i in dropped else g for i, g in enumerate(group_scores)], config.kv_groups
         )
