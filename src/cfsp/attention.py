@@ -105,11 +105,13 @@ def kv_group_cut(model: nn.Module, config: PruneConfig) -> layouts.HeadShape | N
                 else "prune it without --kv-groups"
             )
         )
-    cut = _cut_shape(shape, count)
+    cut = shape.keeping(shape.kv_heads - count)
     refusal = _family_refusal(model, cut)
     if refusal is not None:
         accepted = [
-            str(n) for n in range(1, shape.kv_heads) if _family_refusal(model, _cut_shape(shape, n)) is None
+            str(n)
+            for n in range(1, shape.kv_heads)
+            if _family_refusal(model, shape.keeping(shape.kv_heads - n)) is None
         ]
         raise CfspError(
             f"--kv-groups {count} leaves {cut.heads} attention heads, which {type(model).__name__} refuses "
@@ -117,11 +119,6 @@ def kv_group_cut(model: nn.Module, config: PruneConfig) -> layouts.HeadShape | N
             + (f"use --kv-groups {' or '.join(accepted)}" if accepted else "prune it without --kv-groups")
         )
     return cut
-
-
-def _cut_shape(shape: layouts.HeadShape, count: int) -> layouts.HeadShape:
-    kept = shape.kv_heads - count
-    return layouts.HeadShape(kept * shape.group_size, kept, shape.head_dim)
 
 
 def _family_refusal(model: nn.Module, shape: layouts.HeadShape) -> str | None:

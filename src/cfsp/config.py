@@ -209,19 +209,19 @@ class PruneConfig:
                 "--uniform writes a stock checkpoint, in which every block has its attention; drop "
                 "--drop-attention or --uniform"
             )
-        if self.drop_attention and self.compensation == "reconstruct":
-            raise CfspError(
-                "--compensation reconstruct trains each MLP on the dense attention's outputs and cannot be "
-                "combined with --drop-attention; use --compensation refit"
-            )
         if isinstance(self.kv_groups, bool) or not isinstance(self.kv_groups, int) or self.kv_groups < 0:
             raise CfspError(
                 f"kv_groups must be a whole count >= 0 (1 removes one KV group per sublayer), got {self.kv_groups}"
             )
-        if self.kv_groups and self.compensation == "reconstruct":
+        cuts = [
+            flag
+            for flag, value in (("--drop-attention", self.drop_attention), ("--kv-groups", self.kv_groups))
+            if value
+        ]
+        if cuts and self.compensation == "reconstruct":
             raise CfspError(
                 "--compensation reconstruct trains each MLP on the dense attention's outputs and cannot be "
-                "combined with --kv-groups; use --compensation refit"
+                f"combined with {' or '.join(cuts)}; use --compensation refit"
             )
         if self.total_sparsity is not None and (
             isinstance(self.total_sparsity, bool)

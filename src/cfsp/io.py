@@ -153,5 +153,5 @@ def _plan_attention_cut(model: nn.Module, plan: dict) -> AttentionCut:
         raise CfspError(
             "the plan keeps KV groups this model does not have; apply it to the model it was made from"
         )
-    cut.heads = layouts.HeadShape(len(kept) * shape.group_size, len(kept), shape.head_dim)
+    cut.heads = shape.keeping(len(kept))
     return cut

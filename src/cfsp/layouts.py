@@ -161,6 +161,10 @@ class HeadShape:
         """Query heads per KV head."""
         return self.heads // self.kv_heads
 
+    def keeping(self, kv_heads: int) -> HeadShape:
+        """The shape with only ``kv_heads`` of its KV groups left."""
+        return HeadShape(kv_heads * self.group_size, kv_heads, self.head_dim)
+
 
 def head_shape(attention: nn.Module) -> HeadShape | None:
     """The sublayer's heads, read from its projections; None where whole KV groups cannot be cut

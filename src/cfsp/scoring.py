@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from cfsp.calibration import BlockStats
+from cfsp.compensation import refit_weight
 from cfsp.errors import CfspError
 from cfsp.models import statistics_device
 
@@ -64,22 +65,20 @@ def group_output_energy(
 def group_refit_error(
     out_weight: torch.Tensor, heads: BlockStats, width: int, damping: float
 ) -> torch.Tensor:
-    """The error the o_proj refit leaves when the group alone is removed:
-    ``tr(W (G - G[:, K] (G[K, K] + lam I)^-1 G[K, :]) W^T)`` with ``G = E[x x^T]`` and ``K`` the other
-    groups' columns. Unlike the energy it credits what the kept heads can take over (heads that
-    attend alike), which is what the refit then does."""
+    """The error the o_proj refit (``compensation.refit_weight``, uncentred) leaves when the group
+    alone is removed: ``E||W x - W' x_K||^2`` with ``K`` the other groups' columns, from the Gram
+    matrix ``G = E[x x^T]``. Unlike the energy it credits what the kept heads can take over (heads
+    that attend alike), which is what the refit then does."""
     weight = out_weight.detach().to(heads.gram.device, torch.float64)
     gram = heads.gram / heads.tokens
-    groups = gram.shape[0] // width
+    columns = torch.arange(gram.shape[0], device=gram.device)
     errors = []
-    for group in range(groups):
-        kept = torch.cat([torch.arange(0, group * width), torch.arange((group + 1) * width, gram.shape[0])])
-        kept = kept.to(gram.device)
-        system = gram[kept][:, kept]
-        lam = damping * system.diagonal().mean().clamp_min(1e-12)
-        system = system + lam * torch.eye(kept.numel(), dtype=gram.dtype, device=gram.device)
-        residual = gram - gram[:, kept] @ torch.linalg.solve(system, gram[kept, :])
-        errors.append(torch.einsum("hi,ij,hj->", weight, residual, weight))
+    for group in range(gram.shape[0] // width):
+        kept = columns[(columns < group * width) | (columns >= (group + 1) * width)]
+        refit = refit_weight(weight, kept, heads, damping, centred=False)
+        full, cut = weight @ gram, refit @ gram[kept]  # [H, D]: what each map correlates with x
+        error = (full * weight).sum() - 2 * (cut * weight).sum() + (refit @ gram[kept][:, kept] * refit).sum()
+        errors.append(error)
     return torch.stack(errors)
 
 
