@@ -12,11 +12,11 @@ import torch
 
 import cfsp
 from cfsp.bench import forward_pass_seconds
-from cfsp.calibration import calibrate
 from cfsp.evaluation import perplexity, wikitext_ids
 from cfsp.llamacpp import GreedyRunner, open_model
 from cfsp.memory import pruning_cost
 from cfsp.outdir import dumps, write_text_atomic
+from cfsp.statistics import calibrate
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -12,7 +12,7 @@ import copy, json, time
 import torch
 import cfsp
 from cfsp.bench import forward_pass_seconds
-from cfsp.calibration import calibrate
+from cfsp.statistics import calibrate
 
 assert torch.cuda.is_available(), "no CUDA GPU visible"
 print("gpu:", torch.cuda.get_device_name(0), "| torch", torch.__version__)

@@ -38,7 +38,7 @@ import json, sys, time, torch
 sys.path.insert(0, "tests")
 import cfsp
 from cfsp.bench import forward_pass_seconds
-from cfsp.calibration import calibrate
+from cfsp.statistics import calibrate
 from cfsp.memory import peak_rss_bytes, pruning_cost
 name, n, length, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 from cfsp.models import load_tokenizer, resolve_gguf

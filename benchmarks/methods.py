@@ -27,7 +27,7 @@ METHODS: dict[str, dict] = {
     "cfsp": dict(method="cfsp"),
     "cfsp-reference": dict(
         method="cfsp",
-        channel_metric="three_w_one_wa",
+        channel_metric="cfsp_paper",
         temperature=13.1072,
         compensation="none",
         rounding="nearest",

@@ -14,7 +14,7 @@ from common import RESULTS, add_protocol_arguments, prepare, pruned_variant, sta
 # name -> prune() options on top of method="cfsp". "reference-config" is the bar to beat: the
 # reference's channel metric and temperature (13.1072, its 128x1024 default).
 CANDIDATES: dict[str, dict] = {
-    "reference-config": dict(channel_metric="three_w_one_wa", temperature=13.1072, rounding="nearest"),
+    "reference-config": dict(channel_metric="cfsp_paper", temperature=13.1072, rounding="nearest"),
     "reference-exact": dict(reference=True),
     "uniform-allocation": dict(allocation="uniform"),
     "temperature-5": dict(temperature=5.0),

@@ -75,7 +75,7 @@ def _weights(layer):
 
 
 def cfsp(model, stats, sparsity: float, multiple: int = 128, b: float = 1, c: float = 1):
-    """Keep fractions, widths and kept channels of the reference CFSP (three_w_one_wa)."""
+    """Keep fractions, widths and kept channels of the reference CFSP (cfsp_paper)."""
     values = torch.tensor([s["importance"] for s in stats], dtype=torch.float64)
     s = torch.sigmoid((values - values.mean()) / 1e4)
     avg = s.mean()

@@ -22,9 +22,9 @@ from real_models import DEFAULT_CONFIGS, REAL_CONFIGS, make_real_model
 
 import cfsp
 from cfsp import layouts
-from cfsp.calibration import calibrate
 from cfsp.errors import CfspError
 from cfsp.scoring import sublayer_importance
+from cfsp.statistics import calibrate
 from cfsp.streaming import prune_directory
 
 REAL_FAMILIES = REAL_CONFIGS + DEFAULT_CONFIGS
@@ -68,13 +68,13 @@ def test_attention_and_mlp_contributions_add_up_to_the_block_output(name):
     from cfsp.calibration import capture_block_inputs
 
     model = make_real_model(name)
-    captured = capture_block_inputs(model, windows(2, 24), 2)
+    hidden, block_calls = capture_block_inputs(model, windows(2, 24), 2)
     block = model.model.layers[0]
     if not layouts.has_attention(block):
         pytest.skip("first block has linear attention")
     with torch.no_grad():
-        x = captured.hidden[0]
-        a, m, y = _residual_parts(block, x, captured.block_args[0][0])
+        x = hidden[0]
+        a, m, y = _residual_parts(block, x, block_calls[0][0])
     torch.testing.assert_close(x + a + m, y, rtol=1e-5, atol=1e-5)
 
 
@@ -114,9 +114,9 @@ def test_a_block_without_attention_computes_x_plus_mlp_of_norm_x(family):
     assert result.attention_importance[index] == min(result.attention_importance)
     from cfsp.calibration import capture_block_inputs
 
-    captured = capture_block_inputs(model, windows(2, 24), 2)
-    x = captured.hidden[0]
-    args, kwargs = captured.block_args[index][0]
+    hidden, block_calls = capture_block_inputs(model, windows(2, 24), 2)
+    x = hidden[0]
+    args, kwargs = block_calls[index][0]
     pre_norm = getattr(block, "pre_feedforward_layernorm", None) or block.post_attention_layernorm
     post_norm = layouts.post_mlp_norm(block) or torch.nn.Identity()
     with torch.no_grad():
@@ -243,7 +243,7 @@ def test_budget_mode_removes_the_share_of_all_parameters():
 
 
 def test_auto_tries_counts_under_the_budget_and_keeps_the_lowest_heldout_loss():
-    from cfsp.attention import search_candidates
+    from cfsp.search import search_candidates
 
     assert (
         search_candidates(30) == [0, 1, 2, 4]
@@ -257,7 +257,7 @@ def test_auto_tries_counts_under_the_budget_and_keeps_the_lowest_heldout_loss():
     tried = result.attention_search
     assert [t["drop_attention"] for t in tried] == [0, 1]
     best = min(tried, key=lambda t: (t["heldout_loss"], t["drop_attention"]))
-    assert len(result.dropped_attention) == best["drop_attention"] == result.options["drop_attention"]
+    assert len(result.dropped_attention) == best["drop_attention"] == result.config.attention.drop_attention
     assert all(t["heldout_loss"] > 0 for t in tried)
 
 

@@ -68,7 +68,9 @@ def test_reconstruction_prints_each_blocks_error_and_records_it(workspace):
     assert done.exit_code == 0, done.output
     assert "reconstruction error" in done.output
     plan = cfsp.read_plan(out)
-    assert plan["options"]["reconstruct_epochs"] == 1 and len(plan["reconstruction"]) == len(plan["widths"])
+    assert plan["options"]["reconstruct"]["epochs"] == 1 and len(plan["reconstruction"]) == len(
+        plan["widths"]
+    )
 
 
 def test_missing_model_is_one_line(workspace):

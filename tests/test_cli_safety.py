@@ -127,9 +127,12 @@ def _bad_inputs(inputs: Path) -> dict[str, tuple[list[str], str]]:
             "achievable range is 0.000-0.500",
         ),
         "sparsity outside (0, 1)": ([*prune, "--out", "o", "--sparsity", "1.2"], "sparsity must be in"),
-        "batch size 0": ([*prune, "--out", "o", "--batch-size", "0"], "batch size must be >= 1"),
+        "batch size 0": (
+            [*prune, "--out", "o", "--batch-size", "0"],
+            "batch_size must be a whole number >= 1",
+        ),
         "temperature nan": ([*prune, "--out", "o", "--temperature", "nan"], "temperature must be a finite"),
-        "c nan": ([*prune, "--out", "o", "--c", "nan"], "c must be a finite"),
+        "c nan": ([*prune, "--out", "o", "--c", "nan"], "activation_exponent (c) must be a finite"),
         "sparsity inf": ([*prune, "--out", "o", "--sparsity", "inf"], "sparsity must be a finite"),
         "unknown channel metric": (
             [*prune, "--out", "o", "--channel-metric", "foo"],

@@ -5,14 +5,14 @@ import torch
 from conftest import make_tiny_model
 
 import cfsp
-from cfsp.calibration import BlockStats, calibrate, symmetric_gram
 from cfsp.compensation import compensate
 from cfsp.errors import CfspError
+from cfsp.statistics import BlockStats, calibrate, symmetric_gram
 
 
 def _stats(x: torch.Tensor) -> BlockStats:
-    stats = BlockStats(second_moments=True)
-    stats.add_channels(x)
+    stats = BlockStats()
+    stats.add_channels(x, second_moments=True)
     stats.tokens = x.shape[0] * x.shape[1]
     return stats
 
@@ -137,9 +137,9 @@ def test_symmetric_gram_equals_the_full_product(shape):
 
 def test_gram_over_batches_equals_one_product_over_all_tokens():
     x = torch.randn(6, 32, 24, generator=torch.Generator().manual_seed(4))
-    stats = BlockStats(second_moments=True)
+    stats = BlockStats()
     for batch in x.split(2):
-        stats.add_channels(batch)
+        stats.add_channels(batch, second_moments=True)
     flat = x.flatten(0, 1).double()
     assert torch.allclose(stats.gram, flat.T @ flat, rtol=1e-6, atol=1e-5)
 

@@ -6,7 +6,7 @@ import pytest
 from conftest import make_tiny_model
 
 import cfsp
-from cfsp.config import REFERENCE_PRESET, PruneConfig, option_help
+from cfsp.config import REFERENCE_PRESET, PruneConfig, flat_option_names, option_help
 
 
 def test_method_defaults_and_presets_fill_unset_options():
@@ -18,7 +18,7 @@ def test_method_defaults_and_presets_fill_unset_options():
         "budget", "topk", "mean", "variance"
     )  # fmt: skip
     reference = PruneConfig(preset="reference")
-    assert reference.channel_metric == "three_w_one_wa" and reference.compensation == "none"
+    assert reference.channel_metric == "cfsp_paper" and reference.compensation == "none"
     assert {k: getattr(reference, k) for k in REFERENCE_PRESET} == REFERENCE_PRESET
     flap = PruneConfig(method="flap", preset="reference", rounding="budget")  # an explicit value wins
     assert flap.compensation == "mean" and flap.rounding == "budget" and flap.needs_window_stats
@@ -38,7 +38,7 @@ def test_method_defaults_and_presets_fill_unset_options():
         (dict(method="obc"), "unknown method"),
         (dict(preset="paper"), "unknown preset"),
         (dict(multiple=0), "multiple must be >= 1"),
-        (dict(batch_size=0), "batch size"),
+        (dict(batch_size=0), "batch_size must be"),
         (dict(sequential=True, preset="reference"), "--sequential cannot be combined"),
     ],
 )
@@ -65,4 +65,5 @@ def test_the_older_bias_compensation_spelling_is_one_line(calib):
 
 
 def test_every_option_has_help():
-    assert all(option_help(f.name) for f in dataclasses.fields(PruneConfig))
+    assert all(option_help(name) for name in flat_option_names())
+    assert option_help("b") == option_help("weight_activation_exponent")  # the paper's name still works

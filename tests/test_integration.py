@@ -7,8 +7,8 @@ import reference_impl
 import torch
 
 import cfsp
-from cfsp.calibration import calibrate
 from cfsp.evaluation import perplexity
+from cfsp.statistics import calibrate
 
 pytestmark = pytest.mark.integration
 N, LENGTH = 8, 256
@@ -44,7 +44,7 @@ def test_cfsp_matches_reference_saves_reloads_and_keeps_quality(smollm2, tmp_pat
         calib,
         0.5,
         temperature=N * LENGTH / 1e4,
-        channel_metric="three_w_one_wa",
+        channel_metric="cfsp_paper",
         compensation="none",
         rounding="nearest",
         stats=stats,

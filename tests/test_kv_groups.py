@@ -28,9 +28,9 @@ from test_attention import (
 
 import cfsp
 from cfsp import layouts
-from cfsp.calibration import BlockStats
 from cfsp.compensation import refit_out_projection
 from cfsp.errors import CfspError
+from cfsp.statistics import BlockStats
 from cfsp.streaming import prune_directory
 
 
@@ -84,8 +84,8 @@ def test_the_group_that_adds_nothing_is_the_one_removed():
 def test_the_refit_metric_sees_that_a_duplicate_group_can_take_over():
     """Group 1 computes exactly what group 0 computes: removing either loses nothing once o_proj is
     refit, which the refit error says and the output energy does not."""
-    from cfsp.calibration import calibrate
     from cfsp.scoring import kv_group_scores
+    from cfsp.statistics import calibrate
 
     model = make_tiny_model("llama")
     attention = model.model.layers[0].self_attn
@@ -94,7 +94,7 @@ def test_the_refit_metric_sees_that_a_duplicate_group_can_take_over():
         for name, query in (("q_proj", True), ("k_proj", False), ("v_proj", False)):
             rows = [layouts.group_rows(shape, torch.tensor([g]), query) for g in (0, 1)]
             getattr(attention, name).weight[rows[1]] = getattr(attention, name).weight[rows[0]]
-    heads = calibrate(model, windows(32), progress=False, head_channels=True)[0].heads
+    heads = calibrate(model, windows(32), progress=False, heads=True)[0].heads
     width = shape.group_size * shape.head_dim
     refit = kv_group_scores("refit", attention.o_proj.weight, heads, width, 1e-8)
     energy = kv_group_scores("energy", attention.o_proj.weight, heads, width, 1e-8)
@@ -105,8 +105,8 @@ def test_the_o_proj_refit_beats_plain_slicing_on_the_calibration_tokens():
     torch.manual_seed(0)
     x = torch.randn(4, 256, 32, dtype=torch.float64) @ torch.randn(32, 32, dtype=torch.float64)  # correlated
     weight = torch.randn(24, 32, dtype=torch.float64)
-    heads = BlockStats(second_moments=True)
-    heads.add_tokens(x)
+    heads = BlockStats()
+    heads.add_tokens(x, second_moments=True)
     kept = torch.arange(16)
     refit = refit_out_projection(weight, kept, heads, damping=1e-6)
     flat = x.flatten(0, 1)
@@ -114,8 +114,8 @@ def test_the_o_proj_refit_beats_plain_slicing_on_the_calibration_tokens():
     plain_error = (flat[:, kept] @ weight[:, kept].T - target).pow(2).mean()
     refit_error = (flat[:, kept] @ refit.T - target).pow(2).mean()
     assert refit_error < 0.5 * plain_error
-    few = BlockStats(second_moments=True)
-    few.add_tokens(x[:1, :32])  # 32 tokens for 16 columns: too few, the columns stay
+    few = BlockStats()
+    few.add_tokens(x[:1, :32], second_moments=True)  # 32 tokens for 16 columns: too few, the columns stay
     assert refit_out_projection(weight, kept, few, damping=1e-6) is None
 
 
@@ -302,7 +302,7 @@ def test_ig_lora_recovery_trains_a_model_with_fewer_kv_heads(tmp_path):
 
 
 def test_kv_groups_refuse_precomputed_statistics_before_any_work():
-    from cfsp.calibration import calibrate
+    from cfsp.statistics import calibrate
 
     model = make_tiny_model("llama")
     stats = calibrate(model, windows(), progress=False)

@@ -9,12 +9,12 @@ from conftest import make_tiny_model
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import cfsp
-from cfsp.calibration import calibrate
 from cfsp.methods import METHODS
 from cfsp.models import ffn_widths
+from cfsp.statistics import calibrate
 
 # the reference's channel rule and per-block rounding
-REFERENCE_SCORE = dict(channel_metric="three_w_one_wa", compensation="none", rounding="nearest")
+REFERENCE_SCORE = dict(channel_metric="cfsp_paper", compensation="none", rounding="nearest")
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -191,7 +191,7 @@ def test_sequential_scores_each_block_on_the_pruned_prefix(calib):
         stats = calibrate(expected, calib, progress=False)[index]
         mlp = expected.model.layers[index].mlp
         inputs = ChannelInputs(mlp.down_proj.weight, mlp.up_proj.weight, mlp.gate_proj.weight, stats)
-        kept = top_channels(channel_scores("three_w_one_wa", inputs), width)
+        kept = top_channels(channel_scores("cfsp_paper", inputs), width)
         assert result.kept_channels[index].tolist() == kept.tolist(), index
         slice_mlp(mlp, kept)
     with torch.no_grad():
@@ -227,7 +227,7 @@ def test_cfsp_defaults_and_their_reference_counterparts(calib):
     default = cfsp.prune(make_tiny_model("llama"), calib, 0.5, multiple=32, progress=False)
     assert default.options["channel_metric"] == "ria" and default.down_biases is not None
     exact = cfsp.prune(make_tiny_model("llama"), calib, 0.5, multiple=32, reference=True, progress=False)
-    assert exact.options["channel_metric"] == "three_w_one_wa" and exact.down_biases is None
+    assert exact.options["channel_metric"] == "cfsp_paper" and exact.down_biases is None
 
 
 @pytest.mark.parametrize("options", [dict(), dict(sequential=True), dict(compensation="refit")])

@@ -7,12 +7,24 @@ import torch
 from conftest import make_tiny_model
 
 import cfsp
-from cfsp.calibration import calibrate
+from cfsp.calibration import BlockStep, run_blocks
 from cfsp.errors import CfspError
 from cfsp.models import block_mlp, decoder_blocks
 from cfsp.reconstruction import _adds_mlp_output, reconstruct_mlp
+from cfsp.statistics import BlockStats, MlpRecorder
 
 RECONSTRUCT = dict(compensation="reconstruct", multiple=32, reconstruct_epochs=3, progress=False)
+
+
+def _with_mlp_records(model, calib, each) -> None:
+    """A block pass that records every MLP's activations and calls ``each(index, stats)``."""
+    records = [BlockStats() for _ in decoder_blocks(model)]
+
+    class Each(BlockStep):
+        def finish(self, run):
+            return each(run.index, records[run.index])
+
+    run_blocks(model, calib, [MlpRecorder(records), Each()], progress=False)
 
 
 def _logits(model, ids):
@@ -25,7 +37,9 @@ def test_a_block_that_keeps_every_channel_is_left_as_it_is(calib):
     model = make_tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     reports = []
-    config = cfsp.PruneConfig(compensation="reconstruct", reconstruct_target="mlp", reconstruct_holdout=0.25)
+    config = cfsp.PruneConfig.from_options(
+        compensation="reconstruct", reconstruct_target="mlp", reconstruct_holdout=0.25
+    ).reconstruct
 
     def train(index, stats):
         reports.append(
@@ -33,7 +47,7 @@ def test_a_block_that_keeps_every_channel_is_left_as_it_is(calib):
         )
         return False
 
-    calibrate(model, calib, after_block=train, progress=False, record_mlp=True)
+    _with_mlp_records(model, calib, train)
     assert all(r.kept_refit and r.loss_before == 0.0 for r in reports)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
@@ -107,7 +121,7 @@ def test_the_block_target_falls_back_where_the_block_is_not_residual_plus_mlp(ca
         del block.forward
         return False
 
-    calibrate(model, calib[:4], after_block=check, progress=False, record_mlp=True)
+    _with_mlp_records(model, calib[:4], check)
     assert checks == [True, False] * len(decoder_blocks(model))
 
 
@@ -125,7 +139,7 @@ def test_the_block_target_falls_back_where_the_block_is_not_residual_plus_mlp(ca
 )
 def test_bad_reconstruction_options_are_one_line_errors(bad):
     with pytest.raises(CfspError) as error:
-        cfsp.PruneConfig(compensation="reconstruct", **bad)
+        cfsp.PruneConfig.from_options(compensation="reconstruct", **bad)
     assert "\n" not in str(error.value)
 
 
@@ -145,7 +159,7 @@ def test_a_reconstructed_model_runs_in_llama_cpp(calib, tmp_path):
 def test_the_outputs_passed_on_equal_a_rerun_of_the_reconstructed_block(family, calib, monkeypatch):
     """Error-correcting reconstruction hands the next block residual + post(mlp(x)) instead of
     running the block again; that must be the block's real output."""
-    import cfsp.pruning
+    import cfsp.apply
     from cfsp.calibration import run_block
     from cfsp.reconstruction import block_outputs_after
 
@@ -158,7 +172,7 @@ def test_the_outputs_passed_on_equal_a_rerun_of_the_reconstructed_block(family, 
         errors.append(float((fast[0] - slow).abs().max() / slow.abs().max()))
         return fast
 
-    monkeypatch.setattr(cfsp.pruning, "block_outputs_after", checked)
+    monkeypatch.setattr(cfsp.apply, "block_outputs_after", checked)
     cfsp.prune(make_tiny_model(family), calib, 0.5, reconstruct_inputs="pruned", reconstruct_target="block",
                reconstruct_holdout=0.0, **RECONSTRUCT)  # fmt: skip
     assert errors and max(errors) < 1e-5

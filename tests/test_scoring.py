@@ -5,14 +5,14 @@ import math
 import pytest
 import torch
 
-from cfsp.calibration import BlockStats, calibrate
 from cfsp.scoring import ChannelInputs, block_importance, channel_scores, reference_fluctuation
+from cfsp.statistics import BlockStats, calibrate
 
 
 def _stats_from(acts: torch.Tensor) -> BlockStats:
     """BlockStats built from raw intermediate activations [windows, tokens, D]."""
-    stats = BlockStats(keep_windows=True)
-    stats.add_channels(acts)
+    stats = BlockStats()
+    stats.add_channels(acts, per_window=True)
     stats.tokens = acts.shape[0] * acts.shape[1]
     stats.windows = acts.shape[0]
     return stats
@@ -47,8 +47,8 @@ def _rms(block):
     return acts.pow(2).sum(dim=(0, 1)).div(acts.shape[0]).sqrt()
 
 
-def test_three_w_one_wa_ranks_exactly_as_activation_rms(block):
-    scores = channel_scores("three_w_one_wa", _inputs(block))
+def test_cfsp_paper_ranks_exactly_as_activation_rms(block):
+    scores = channel_scores("cfsp_paper", _inputs(block))
     rms = _rms(block)
     assert torch.equal(scores.argsort(), rms.argsort())
     # and the value is 3/H * A_j, whatever the weights

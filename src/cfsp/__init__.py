@@ -1,19 +1,36 @@
-"""cfsp: coarse-to-fine structured pruning of LLM feed-forward layers, and its recovery."""
+"""cfsp: coarse-to-fine structured pruning of LLM feed-forward layers, and its recovery.
 
-from cfsp.bench import llamacpp_speed_benchmark, speed_benchmark
-from cfsp.config import PruneConfig
-from cfsp.data import calibration_windows
-from cfsp.errors import CfspError
-from cfsp.evaluation import evaluate
-from cfsp.export import export_gguf
-from cfsp.io import apply_plan, save_pruned
-from cfsp.models import load_model, load_pruned
-from cfsp.plan import read_plan
-from cfsp.pruning import PruneResult, prune
-from cfsp.recovery import RecoveryConfig, recover
+The names below are imported on first use, so that ``import cfsp`` (and ``cfsp --help``) does not
+load torch and the whole pipeline before anything needs them.
+"""
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+_EXPORTS = {
+    "CfspError": "cfsp.errors",
+    "Plan": "cfsp.plan",
+    "PruneConfig": "cfsp.config",
+    "PruneResult": "cfsp.pruning",
+    "RecoveryConfig": "cfsp.recovery.config",
+    "apply_plan": "cfsp.io",
+    "calibration_windows": "cfsp.data",
+    "evaluate": "cfsp.evaluation",
+    "export_gguf": "cfsp.export",
+    "llamacpp_speed_benchmark": "cfsp.bench",
+    "load_model": "cfsp.models",
+    "load_pruned": "cfsp.models",
+    "prune": "cfsp.pruning",
+    "read_plan": "cfsp.plan",
+    "recover": "cfsp.recovery",
+    "save_pruned": "cfsp.io",
+    "speed_benchmark": "cfsp.bench",
+}
 __all__ = [
     "CfspError",
+    "Plan",
     "PruneConfig",
     "PruneResult",
     "RecoveryConfig",
@@ -30,3 +47,24 @@ __all__ = [
     "save_pruned",
     "speed_benchmark",
 ]
+
+if TYPE_CHECKING:
+    from cfsp.bench import llamacpp_speed_benchmark, speed_benchmark
+    from cfsp.config import PruneConfig
+    from cfsp.data import calibration_windows
+    from cfsp.errors import CfspError
+    from cfsp.evaluation import evaluate
+    from cfsp.export import export_gguf
+    from cfsp.io import apply_plan, save_pruned
+    from cfsp.models import load_model, load_pruned
+    from cfsp.plan import Plan, read_plan
+    from cfsp.pruning import PruneResult, prune
+    from cfsp.recovery import RecoveryConfig, recover
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'cfsp' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

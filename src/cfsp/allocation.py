@@ -7,13 +7,16 @@ threshold over all blocks).
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 
-# Reference allocation: logits are (I_sum - mean) / 1e4 with I_sum summed over N*L tokens, i.e.
-# temperature N*L/1e4 on per-token means; 13.1072 is the reference default N=128, L=1024.
-DEFAULT_TEMPERATURE = 128 * 1024 / 1e4
+from cfsp.config import DEFAULT_TEMPERATURE, PruneConfig
+from cfsp.errors import CfspError
+
+log = logging.getLogger("cfsp")
+
 _SHRINK_MARGIN = 1.05
 
 
@@ -68,9 +71,6 @@ def round_width(width: float, full: int, multiple: int) -> int:
     """Round a width to the nearest multiple; never 0 (one multiple, or full if smaller), never > full."""
     rounded = math.floor(width / multiple + 0.5) * multiple
     return int(min(full, max(rounded, min(multiple, full))))
-
-
-ROUNDINGS = ("budget", "nearest", "reference")  # reference: half-up, see reference_widths
 
 
 def widths_from_fractions(
@@ -166,3 +166,94 @@ def reference_uniform_kept(scores: torch.Tensor, sparsity: float) -> torch.Tenso
     """Magnitude-SP reference: keep scores ``>=`` the ascending-sorted score at ``int(D * p)``."""
     threshold = scores.sort().values[int(scores.numel() * sparsity)]
     return torch.nonzero(scores >= threshold).flatten()
+
+
+def allocate(
+    config: PruneConfig,
+    scores: list[torch.Tensor],
+    importance: list[float] | None,
+    tokens: list[int] | None,
+) -> tuple[list[float], list[torch.Tensor]]:
+    """Keep fractions and kept channel indices per block, as ``config`` says, from the channel
+    scores, the block importance (mean per token) and each block's calibration token count."""
+    full = [s.numel() for s in scores]
+    sparsity, multiple, rounding = config.sparsity, config.multiple, config.rounding
+    threshold = config.selection == "threshold"
+    if config.allocation == "global":
+        if threshold:
+            kept = reference_global_kept(scores, sparsity)
+        else:
+            widths = global_widths(scores, sparsity, multiple, rounding)
+            kept = [top_channels(s, w) for s, w in zip(scores, widths, strict=True)]
+        return [k.numel() / d for k, d in zip(kept, full, strict=True)], kept
+
+    if config.allocation == "uniform":
+        keep = uniform_keep_fractions(len(scores), sparsity)
+        if threshold:
+            return keep, [reference_uniform_kept(s, sparsity) for s in scores]
+    elif config.importance_scale == "sum":
+        keep = reference_keep_fractions([m * t for m, t in zip(importance, tokens, strict=True)], sparsity)
+    else:
+        keep = cfsp_keep_fractions(importance, sparsity, config.temperature, full)
+
+    if rounding == "reference":
+        widths = reference_widths(keep, full, multiple)
+    else:
+        widths = widths_from_fractions(keep, full, multiple, rounding)
+    choose = reference_kept_channels if threshold else top_channels
+    return keep, [choose(s, w) for s, w in zip(scores, widths, strict=True)]
+
+
+SPARSITY_TOLERANCE = 0.02  # realised FFN sparsity may always differ from the request by this much
+
+
+def sparsity_tolerance(full: list[int], multiple: int, rounding: str) -> float:
+    """How far rounding alone may move the realised sparsity: at least ``SPARSITY_TOLERANCE``.
+
+    ``nearest`` (and the reference's half-up) rounds every block by up to half a multiple, so its
+    errors add up; ``budget`` keeps the total within one multiple. A miss beyond that means the
+    multiple is too coarse for the FFN.
+    """
+    steps = [min(multiple, d) for d in full]
+    reach = max(steps) if rounding == "budget" else sum(steps) / 2
+    return max(SPARSITY_TOLERANCE, reach / sum(full))
+
+
+def check_achievable(config: PruneConfig, full: list[int]) -> None:
+    """Before any work: can widths in multiples of ``multiple`` get near the sparsity at all?"""
+    multiple, sparsity = config.multiple, config.sparsity
+    if multiple >= max(full):
+        raise CfspError(
+            f"--multiple {multiple} is not below the FFN width of any block ({min(full)}-{max(full)}): no "
+            f"channel could be removed; use a multiple below {max(full)} (1 = no rounding)"
+        )
+    highest = 1.0 - sum(min(multiple, d) for d in full) / sum(full)
+    if sparsity > highest + sparsity_tolerance(full, multiple, config.rounding):
+        _inexact(
+            f"FFN sparsity {sparsity} is out of reach with widths in multiples of {multiple} (FFN widths "
+            f"{min(full)}-{max(full)}): the achievable range is 0.000-{highest:.3f}",
+            config.allow_inexact,
+        )
+
+
+def check_realised(config: PruneConfig, widths: list[int], full: list[int]) -> None:
+    """After allocation, before surgery: the widths must meet the request within the tolerance."""
+    multiple, sparsity = config.multiple, config.sparsity
+    realised = 1.0 - sum(widths) / sum(full)
+    if sum(widths) >= sum(full):  # a compensation bias would make the "pruned" model larger
+        raise CfspError(
+            f"the widths keep every FFN channel (multiple {multiple}, FFN widths {min(full)}-{max(full)}), "
+            f"so FFN sparsity {sparsity} removes nothing; lower --multiple or raise --sparsity"
+        )
+    if abs(realised - sparsity) > sparsity_tolerance(full, multiple, config.rounding):
+        _inexact(
+            f"the widths give FFN sparsity {realised:.3f}, not the requested {sparsity} (multiple "
+            f"{multiple}, FFN widths {min(full)}-{max(full)})",
+            config.allow_inexact,
+        )
+
+
+def _inexact(problem: str, allow_inexact: bool) -> None:
+    if not allow_inexact:
+        raise CfspError(f"{problem}; lower --multiple or pass --allow-inexact to accept it")
+    log.warning(f"{problem}; continuing because of --allow-inexact")

@@ -2,8 +2,9 @@
 parameter budget all of it shares with the FFN channels.
 
 A block's attention sublayer is dropped whole (its block keeps the MLP): ``drop_attention`` is a
-count, a share of the blocks with attention, or ``"auto"``, which tries a few counts under a
-``total_sparsity`` budget and keeps the one with the lowest loss on held-out calibration windows.
+count, a share of the blocks with attention, or ``"auto"`` (``cfsp.search``), which tries a few
+counts under a ``total_sparsity`` budget and keeps the one with the lowest loss on held-out
+calibration windows.
 ``kv_groups`` removes that many KV groups (a KV head and the query heads that read it) from every
 attention sublayer that stays, the lowest-scoring ones of each (``scoring.kv_group_scores``); one
 count for every sublayer keeps the config's single pair of head counts, which every engine reads.
@@ -14,8 +15,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-from dataclasses import replace
 
 import torch
 from torch import nn
@@ -27,8 +26,6 @@ from cfsp.models import block_mlp, count_parameters, decoder_blocks
 
 log = logging.getLogger("cfsp")
 
-SEARCH_HOLDOUT = 0.125  # share of the calibration windows the automatic count is judged on
-
 
 def attention_blocks(blocks: nn.ModuleList) -> list[int]:
     """The blocks with an attention sublayer that can be dropped."""
@@ -38,10 +35,10 @@ def attention_blocks(blocks: nn.ModuleList) -> list[int]:
 def attention_drop_count(model: nn.Module, config: PruneConfig) -> int:
     """How many attention sublayers ``config.drop_attention`` removes from this model (a count, or a
     share of its blocks with attention), checked before any work."""
-    if not config.drop_attention:
+    value = config.attention.drop_attention
+    if not value:
         return 0
     eligible = len(attention_blocks(decoder_blocks(model)))
-    value = config.drop_attention
     count = int(value) if value >= 1 else round(value * eligible)
     text_config = getattr(model.config, "get_text_config", lambda: model.config)()
     if getattr(text_config, "num_kv_shared_layers", 0):
@@ -69,7 +66,7 @@ def choose_dropped_attention(blocks: nn.ModuleList, importance: list[float] | No
 def kv_group_cut(model: nn.Module, config: PruneConfig) -> layouts.HeadShape | None:
     """The head shape every kept attention sublayer is cut to by ``config.kv_groups`` (None: no
     cut), checked before any work."""
-    count = config.kv_groups
+    count = config.attention.kv_groups
     if not count:
         return None
     blocks = decoder_blocks(model)
@@ -105,8 +102,8 @@ def kv_group_cut(model: nn.Module, config: PruneConfig) -> layouts.HeadShape | N
                 else "prune it without --kv-groups"
             )
         )
-    cut = shape.keeping(shape.kv_heads - count)
-    refusal = _family_refusal(model, cut)
+    after = shape.keeping(shape.kv_heads - count)
+    refusal = _family_refusal(model, after)
     if refusal is not None:
         accepted = [
             str(n)
@@ -114,11 +111,11 @@ def kv_group_cut(model: nn.Module, config: PruneConfig) -> layouts.HeadShape | N
             if _family_refusal(model, shape.keeping(shape.kv_heads - n)) is None
         ]
         raise CfspError(
-            f"--kv-groups {count} leaves {cut.heads} attention heads, which {type(model).__name__} refuses "
+            f"--kv-groups {count} leaves {after.heads} attention heads, which {type(model).__name__} refuses "
             f"({refusal}); "
             + (f"use --kv-groups {' or '.join(accepted)}" if accepted else "prune it without --kv-groups")
         )
-    return cut
+    return after
 
 
 def _family_refusal(model: nn.Module, shape: layouts.HeadShape) -> str | None:
@@ -194,54 +191,3 @@ def budget_sparsity(model: nn.Module, total: float, dropped: list[int], kv_group
             )
         )
     return float(sparsity)
-
-
-def search_candidates(eligible: int) -> list[int]:
-    """The counts ``"auto"`` tries: none, then powers of two up to a quarter of the attention sublayers."""
-    counts, count = [0], 1
-    while count <= max(1, eligible // 4) and count < eligible:
-        counts.append(count)
-        count *= 2
-    return counts
-
-
-def search_drop_count(model: nn.Module, calib: torch.Tensor, config: PruneConfig) -> tuple[int, list[dict]]:
-    """``drop_attention="auto"``: the count whose pruned model has the lowest loss.
-
-    Each candidate count prunes a copy of the model with the whole pipeline (the same budget, so
-    every attention sublayer dropped leaves more FFN channels) on the calibration windows less a
-    held-out share, and is judged by next-token loss on that share. Costs one pruning per
-    candidate and a copy of the model in memory.
-    """
-    from cfsp.pruning import prune
-
-    eligible = len(attention_blocks(decoder_blocks(model)))
-    held = max(1, math.ceil(len(calib) * SEARCH_HOLDOUT))
-    if len(calib) - held < 1:
-        raise CfspError("--drop-attention auto holds out calibration windows: give at least 2 (--nsamples)")
-    train, heldout = calib[:-held], calib[-held:]
-    trials = []
-    for count in search_candidates(eligible):
-        trial = copy.deepcopy(model)
-        result = prune(trial, train, replace(config, drop_attention=count), progress=False)
-        loss = heldout_loss(trial, heldout, config.batch_size)
-        trials.append(dict(drop_attention=count, heldout_loss=loss, dropped=result.dropped_attention))
-        log.info(f"--drop-attention auto: {count} sublayers -> held-out loss {loss:.4f}")
-        del trial
-    best = min(trials, key=lambda t: (t["heldout_loss"], t["drop_attention"]))
-    return best["drop_attention"], trials
-
-
-@torch.no_grad()
-def heldout_loss(model: nn.Module, windows: torch.Tensor, batch_size: int) -> float:
-    """Mean next-token cross-entropy of ``model`` on ``windows``."""
-    device = model.get_input_embeddings().weight.device
-    total, count = 0.0, 0
-    for batch in windows.split(batch_size):
-        batch = batch.to(device)
-        logits = model(batch).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-        )
-        total, count = total + loss.item(), count + batch[:, 1:].numel()
-    return total / count

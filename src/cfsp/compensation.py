@@ -15,15 +15,15 @@ gives ``c = W_P mu_P``: mean compensation is the refit that refits nothing but t
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from cfsp.calibration import BlockStats
+from cfsp.config import COMPENSATIONS
 from cfsp.errors import CfspError
+from cfsp.statistics import BlockStats
 
-COMPENSATIONS = ("none", "mean", "refit", "reconstruct")  # reconstruct: cfsp.reconstruction, after the refit
-DEFAULT_DAMPING = 1e-4  # benchmarks/refit.py: 1e-5 and 1e-4 best, 1e-1 worse than no refit
 REFIT_MIN_TOKENS_PER_CHANNEL = 4
 log = logging.getLogger("cfsp")
 
@@ -36,6 +36,34 @@ class Compensation:
     weight: torch.Tensor | None = None
     bias: torch.Tensor | None = None
     out_weight: torch.Tensor | None = None
+
+
+def mean_bias(down: torch.Tensor, kept: torch.Tensor, stats: BlockStats, damping: float, intercept: bool):
+    """FLAP's rule: the pruned channels' mean output goes into the bias."""
+    pruned = torch.ones(down.shape[1], dtype=torch.bool, device=down.device)
+    pruned[kept] = False
+    return Compensation(bias=down[:, pruned] @ (stats.sum[pruned] / stats.tokens))
+
+
+def refit(down: torch.Tensor, kept: torch.Tensor, stats: BlockStats, damping: float, intercept: bool):
+    """Ridge least squares on the kept channels (the module docstring); without ``intercept`` on
+    uncentred moments and with no bias."""
+    if not stats.has_gram:
+        raise CfspError("compensation 'refit' needs second moments: calibrate with second_moments=True")
+    weight = refit_weight(down, kept, stats, damping, centred=intercept)
+    if not intercept:
+        return Compensation(weight=weight)
+    mean = stats.sum / stats.tokens
+    return Compensation(weight=weight, bias=down @ mean - weight @ mean[kept])
+
+
+# A rule: (dense down_proj weight [H, D] in float64, kept channels, statistics, damping, intercept)
+# -> Compensation. "reconstruct" slices with the refit, then trains (cfsp.reconstruction).
+RULES: dict[str, Callable[..., Compensation]] = {"mean": mean_bias, "refit": refit}
+if set(RULES) | {"none", "reconstruct"} != set(COMPENSATIONS):
+    raise ImportError(
+        f"compensation rules {sorted(RULES)} differ from cfsp.config.COMPENSATIONS; list them there"
+    )
 
 
 def compensate(
@@ -54,23 +82,12 @@ def compensate(
     """
     if rule == "none":
         return Compensation()
+    if rule not in RULES:
+        raise CfspError(f"unknown compensation {rule!r}; choose one of {', '.join(COMPENSATIONS)}")
     if stats is None or stats.sum is None:
         raise CfspError(f"compensation {rule!r} needs calibration statistics")
     down = down.detach().to(stats.sum.device, torch.float64)
-    mean = stats.sum / stats.tokens
-    kept = kept.to(down.device)
-    if rule == "mean":
-        pruned = torch.ones(down.shape[1], dtype=torch.bool, device=down.device)
-        pruned[kept] = False
-        return Compensation(bias=down[:, pruned] @ mean[pruned])
-    if rule == "refit":
-        if stats.gram is None:
-            raise CfspError("compensation 'refit' needs second moments: calibrate with second_moments=True")
-        weight = refit_weight(down, kept, stats, damping, centred=intercept)
-        if not intercept:
-            return Compensation(weight=weight)
-        return Compensation(weight=weight, bias=down @ mean - weight @ mean[kept])
-    raise CfspError(f"unknown compensation {rule!r}; choose one of {', '.join(COMPENSATIONS)}")
+    return RULES[rule](down, kept.to(down.device), stats, damping, intercept)
 
 
 def refit_out_projection(
@@ -78,7 +95,7 @@ def refit_out_projection(
 ) -> torch.Tensor | None:
     """o_proj re-solved on the input columns of the kept heads (uncentred: o_proj has no bias to
     take a mean), or None, keeping the columns as they are, when there are too few tokens."""
-    if heads.gram is None or refit_or_mean(heads.tokens, kept.numel(), "plain slicing") != "refit":
+    if not heads.has_gram or refit_or_mean(heads.tokens, kept.numel(), "plain slicing") != "refit":
         return None
     weight = out_weight.detach().to(heads.sum.device, torch.float64)
     return refit_weight(weight, kept.to(weight.device), heads, damping, centred=False)
@@ -95,8 +112,7 @@ def refit_weight(
 ) -> torch.Tensor:
     """Ridge least-squares down_proj on the kept channels: ``W C[:, K] (C[K, K] + lam I)^-1``, with
     the centred covariance (a bias absorbs the mean) or, ``centred=False``, the uncentred moments."""
-    moments = centred_covariance(stats) if centred else stats.gram / stats.tokens
-    cov = moments.to(down.device)
+    cov = (centred_covariance(stats) if centred else stats.gram / stats.tokens).to(down.device)
     cov_kk = cov[kept][:, kept]
     lam = damping * cov_kk.diagonal().mean().clamp_min(1e-12)
     system = cov_kk + lam * torch.eye(kept.numel(), dtype=cov.dtype, device=cov.device)

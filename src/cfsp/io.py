@@ -9,23 +9,21 @@ trust_remote_code=True)`` without cfsp, and ``apply_plan`` on the original model
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Iterable
 from importlib import metadata
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from cfsp import layouts, pruned_modeling
-from cfsp.compensation import Compensation
+from cfsp.apply import apply
 from cfsp.errors import CfspError
-from cfsp.models import decoder_blocks, ffn_widths
+from cfsp.models import ffn_widths
 from cfsp.outdir import PLAN_FILE, StagedOutput, dumps
-from cfsp.plan import check_plan, read_plan
-from cfsp.pruning import PruneResult
-from cfsp.surgery import AttentionCut, apply_pruning
+from cfsp.plan import Plan
 
 MODELING_FILE = "modeling_cfsp.py"
 LAYOUTS_FILE = "layouts.py"  # the modeling file's one import besides torch and transformers
@@ -55,7 +53,7 @@ def modeling_source(base_class: str) -> str:
 def save_pruned(
     model: nn.Module,
     tokenizer,
-    result: PruneResult | dict,
+    result: Plan | dict,
     out_dir: str | os.PathLike,
     overwrite: bool = False,
     protect: Iterable[str | os.PathLike] = (),
@@ -70,16 +68,16 @@ def save_pruned(
     return Path(out_dir)
 
 
-def write_pruned(model: nn.Module, tokenizer, result: PruneResult | dict, folder: Path) -> None:
+def write_pruned(model: nn.Module, tokenizer, result: Plan | dict, folder: Path) -> None:
     """The files of a pruned directory, written into an empty ``folder`` (a staging folder)."""
     model.save_pretrained(folder, safe_serialization=True)
     write_pruned_metadata(model, tokenizer, result, folder)
 
 
-def write_pruned_metadata(model: nn.Module, tokenizer, result: PruneResult | dict, folder: Path) -> None:
+def write_pruned_metadata(model: nn.Module, tokenizer, result: Plan | dict, folder: Path) -> None:
     """Everything of a pruned directory but the weights: config, modeling file (not for a uniform
     output, which is the family's stock checkpoint), plan, tokenizer."""
-    plan = result.to_plan() if isinstance(result, PruneResult) else dict(result)
+    plan = result.to_dict() if isinstance(result, Plan) else dict(result)
     base_class = type(model).__name__.removeprefix("Cfsp")
     plan["architecture"] = base_class
     plan["versions"] = _versions()
@@ -107,51 +105,23 @@ def write_pruned_metadata(model: nn.Module, tokenizer, result: PruneResult | dic
     (folder / PLAN_FILE).write_text(dumps(plan, indent=1), encoding="utf-8")
 
 
-def apply_plan(model: nn.Module, plan: dict | str | os.PathLike) -> nn.Module:
+def apply_plan(model: nn.Module, plan: Plan | dict | str | os.PathLike) -> nn.Module:
     """Prune an original model exactly as a saved plan says (kept channels and any bias)."""
-    if not isinstance(plan, dict):
-        plan = read_plan(plan)
-    check_plan(plan)
-    if plan.get("options", {}).get("compensation") in ("refit", "reconstruct"):
+    if isinstance(plan, dict):
+        plan = Plan.from_dict(plan)
+    elif not isinstance(plan, Plan):
+        plan = Plan.load(plan)
+    if plan.config.compensation in ("refit", "reconstruct"):
         raise CfspError(
             "this plan refit or trained the MLPs on calibration data, which the plan does not hold; "
             "load the pruned directory itself (cfsp.load_pruned) instead of replaying the plan"
         )
-    if ffn_widths(model) != plan.get("original_widths", ffn_widths(model)):
+    if ffn_widths(model) != plan.original_widths:
         raise CfspError(
-            f"the plan was made for FFN widths {plan['original_widths'][:3]}..., this model has "
+            f"the plan was made for FFN widths {plan.original_widths[:3]}..., this model has "
             f"{ffn_widths(model)[:3]}...; apply it to the model it was made from"
         )
-    kept = [torch.tensor(k, dtype=torch.long) for k in plan["kept_channels"]]
-    biases = plan.get("down_biases")
-
-    def plan_bias(index: int, _block: nn.Module) -> Compensation:
-        return Compensation(bias=torch.tensor(biases[index], dtype=torch.float64) if biases else None)
-
-    uniform = bool(plan.get("options", {}).get("uniform", False))
-    apply_pruning(
-        model,
-        kept,
-        plan_bias,
-        compensated=biases is not None,
-        uniform=uniform,
-        attention=_plan_attention_cut(model, plan),
-    )
+    replay = copy.copy(plan)
+    replay.compensation_rule = "plan"  # the plan's own biases, nothing computed again
+    apply(model, replay, progress=False)
     return model
-
-
-def _plan_attention_cut(model: nn.Module, plan: dict) -> AttentionCut:
-    """The plan's dropped attention sublayers and kept KV groups, with the head counts they leave."""
-    cut = AttentionCut(dropped=plan.get("dropped_attention", []))
-    groups = plan.get("kept_kv_groups")
-    if groups is None:
-        return cut
-    cut.kept_groups = [None if g is None else torch.tensor(g, dtype=torch.long) for g in groups]
-    index, kept = next((i, g) for i, g in enumerate(groups) if g is not None)
-    shape = layouts.head_shape(getattr(decoder_blocks(model)[index], layouts.ATTENTION))
-    if shape is None or max(kept) >= shape.kv_heads:
-        raise CfspError(
-            "the plan keeps KV groups this model does not have; apply it to the model it was made from"
-        )
-    cut.heads = shape.keeping(len(kept))
-    return cut

@@ -35,7 +35,7 @@ METHODS: dict[str, Method] = {
         128,
         compensation="refit",
         summary="block angular importance -> sigmoid widths; relative weight x activation channel score",
-        reference_defaults=dict(channel_metric="three_w_one_wa", compensation="none"),
+        reference_defaults=dict(channel_metric="cfsp_paper", compensation="none"),
     ),
     "wanda-sp": Method("wanda_base", "global", 1, summary="|W_down| x activation norm, one global threshold"),
     "flap": Method(

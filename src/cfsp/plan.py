@@ -1,14 +1,129 @@
-"""``pruning_plan.json``: what a pruning decided, read and checked in one place."""
+"""``Plan``: what a pruning decided (and measured on the way), typed, and its file
+``pruning_plan.json``, read and checked in one place.
+
+*decide* (``cfsp.decide``) makes a plan from the calibration pass: widths, kept channels, dropped
+attention sublayers, kept KV groups, and the ``PruneConfig`` it was made with. *apply*
+(``cfsp.apply``) carries it out and adds what only the surgery knows (the compensation biases,
+the reconstruction reports, the parameter counts). Saving writes it beside the weights;
+``Plan.load`` reads it back typed, ``PruneConfig.from_dict`` its options.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from cfsp.config import PruneConfig
 from cfsp.errors import CfspError
 from cfsp.outdir import PLAN_FILE
+
+if TYPE_CHECKING:
+    import torch
+
+# Keys of a plan file that are lists of index tensors in a ``Plan``.
+_INDEX_LISTS = ("kept_channels", "kept_kv_groups", "down_biases")
+
+
+@dataclass
+class Plan:
+    """Everything later steps need: saving, reporting, recovery and benchmarks never recompute it."""
+
+    config: PruneConfig
+    original_widths: list[int]
+    widths: list[int]
+    kept_channels: list[torch.Tensor]
+    keep_fractions: list[float]
+    block_importance: list[float] | None = None  # the coarse statistic per block (None: not calibrated)
+    attention_importance: list[float] | None = None  # angular distance across each attention sublayer
+    mlp_importance: list[float] | None = None  # ... and across each MLP sublayer
+    dropped_attention: list[int] = field(default_factory=list)  # blocks whose attention is removed
+    kept_kv_groups: list[torch.Tensor | None] | None = None  # per block, its KV groups kept (kv_groups)
+    attention_search: list[dict] | None = None  # drop_attention="auto": each count tried, its loss
+    calibration: dict | None = None  # what the calibration windows were
+    compensation_rule: str | None = (
+        None  # what the surgery applies: none, mean or refit (also under reconstruct)
+    )
+    # Filled by apply:
+    down_biases: list[torch.Tensor] | None = None  # bias compensation added to down_proj, per block
+    reconstruction: list[dict] | None = None  # per reconstructed block: its error before and after
+    second_moments: str | None = None  # the refit's Gram matrices: "held" (one pass) or "second pass"
+    params_before: int = 0
+    params_after: int = 0
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(
+        default_factory=dict
+    )  # what saving and recovery add (versions, source, ...)
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+    @property
+    def options(self) -> dict:
+        return self.config.to_dict()
+
+    @property
+    def target_sparsity(self) -> float:
+        return float(self.config.sparsity)
+
+    @property
+    def realised_sparsity(self) -> float:
+        return 1.0 - sum(self.widths) / sum(self.original_widths)
+
+    def to_dict(self) -> dict:
+        """The JSON-ready plan (tensors as lists of numbers)."""
+        plan: dict[str, Any] = dict(
+            method=self.method,
+            options=self.options,
+            target_sparsity=self.target_sparsity,
+            realised_sparsity=self.realised_sparsity,
+        )
+        for f in fields(self):
+            if f.name in ("config", "extra"):
+                continue
+            value = getattr(self, f.name)
+            if f.name in _INDEX_LISTS and value is not None:
+                value = [None if v is None else v.tolist() for v in value]
+            plan[f.name] = value
+        plan.update(self.extra)
+        return plan
+
+    to_plan = to_dict  # the name earlier versions used
+
+    @classmethod
+    def from_dict(cls, plan: dict, where: str | os.PathLike = PLAN_FILE) -> Plan:
+        """A plan read from its JSON form, checked first (one line naming the first problem)."""
+        import torch
+
+        check_plan(plan, where)
+        values = dict(plan)
+        config = PruneConfig.from_dict(values.pop("options", {}) or {})
+        for key in ("method", "target_sparsity", "realised_sparsity"):
+            values.pop(key, None)
+        known = {f.name for f in fields(cls)}
+        typed = {k: v for k, v in values.items() if k in known}
+        extra = {k: v for k, v in values.items() if k not in known}
+        typed["kept_channels"] = [torch.tensor(k, dtype=torch.long) for k in typed["kept_channels"]]
+        if typed.get("kept_kv_groups") is not None:
+            typed["kept_kv_groups"] = [
+                None if g is None else torch.tensor(g, dtype=torch.long) for g in typed["kept_kv_groups"]
+            ]
+        if typed.get("down_biases") is not None:
+            typed["down_biases"] = [torch.tensor(b, dtype=torch.float64) for b in typed["down_biases"]]
+        typed.setdefault("original_widths", list(typed["widths"]))
+        typed.setdefault(
+            "keep_fractions", [w / d for w, d in zip(typed["widths"], typed["original_widths"], strict=True)]
+        )
+        return cls(config=config, extra=extra, **typed)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        """The typed plan of a pruned directory."""
+        return cls.from_dict(read_plan(path), Path(path).expanduser() / PLAN_FILE)
 
 
 def read_plan(path: str | os.PathLike) -> dict:

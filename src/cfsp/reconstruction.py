@@ -5,17 +5,17 @@ trains the whole pruned MLP (gate, up, down and the bias) by Adam on the calibra
 that the kept channels' nonlinearity moves too; norms and attention stay frozen. It runs inside the
 block-by-block pass, with one block's weights and its activations on the device.
 
-Two choices (``PruneConfig``):
+Two choices (``ReconstructConfig``, ``PruneConfig.reconstruct``):
 
-- ``reconstruct_target``: ``mlp`` aims the MLP's output at the dense MLP's output; ``block`` aims
+- ``target``: ``mlp`` aims the MLP's output at the dense MLP's output; ``block`` aims
   the block's output at the dense block's output, so the MLP also absorbs how far the residual
   stream entering it has drifted (the same thing when the inputs are dense). ``block`` needs a
   block whose output is ``residual + norm(mlp)``: checked on the first batch, else ``mlp`` is used.
-- ``reconstruct_inputs``: ``dense`` trains on the dense model's MLP inputs; ``pruned`` on the
+- ``inputs``: ``dense`` trains on the dense model's MLP inputs; ``pruned`` on the
   inputs of the model whose earlier blocks are already pruned and reconstructed, while the target
   stays the dense model's (error-correcting, as GPTQ's sequential mode).
 
-The last ``reconstruct_holdout`` share of the calibration windows is not trained on: it picks the
+The last ``holdout`` share of the calibration windows is not trained on: it picks the
 epoch to keep and stops the training when its loss rises, so the MLP does not memorise the
 calibration set. If no epoch beats the refit on the held-out windows, the refit weights stay.
 """
@@ -32,9 +32,10 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from cfsp import layouts
-from cfsp.calibration import MlpRecord, run_block
-from cfsp.config import PruneConfig
+from cfsp.calibration import run_block
+from cfsp.config import ReconstructConfig
 from cfsp.models import block_mlp
+from cfsp.statistics import MlpRecord
 
 log = logging.getLogger("cfsp")
 PATIENCE = 2  # epochs without a better held-out loss before stopping
@@ -58,11 +59,11 @@ class BlockReconstruction:
 
 
 def reconstruct_mlp(
-    block: nn.Module, record: MlpRecord, index: int, config: PruneConfig, progress: bool = True
+    block: nn.Module, record: MlpRecord, index: int, config: ReconstructConfig, progress: bool = True
 ) -> BlockReconstruction:
-    """Train ``block``'s (already pruned) MLP on ``record`` as ``config``'s ``reconstruct_*``
-    options say; its parameters change in place."""
-    target, holdout = config.reconstruct_target, config.reconstruct_holdout
+    """Train ``block``'s (already pruned) MLP on ``record`` as ``config`` says; its parameters
+    change in place."""
+    target, holdout = config.target, config.holdout
     mlp = block_mlp(block)
     post = layouts.post_mlp_norm(block) if target == "block" else None
     if target == "block" and not _adds_mlp_output(block, mlp, post, record):
@@ -116,15 +117,15 @@ class _Fit:
 
 
 def _train(
-    predict, params, train, heldout, start_loss: float, config: PruneConfig, seed: int, progress: bool
+    predict, params, train, heldout, start_loss: float, config: ReconstructConfig, seed: int, progress: bool
 ) -> _Fit:
     """Adam over shuffled tokens; after each epoch the held-out loss (else the training loss) keeps
     the best parameters, and ``PATIENCE`` epochs without a better held-out loss stop the training."""
-    device, epochs, batch_tokens = train[0].device, config.reconstruct_epochs, config.reconstruct_batch_tokens
+    device, epochs, batch_tokens = train[0].device, config.epochs, config.batch_tokens
     steps_per_epoch = math.ceil(train[0].shape[0] / batch_tokens)
-    optimizer = torch.optim.Adam(params.values(), lr=config.reconstruct_lr)
+    optimizer = torch.optim.Adam(params.values(), lr=config.lr)
     total = max(1, epochs * steps_per_epoch)
-    cosine = config.reconstruct_schedule == "cosine"
+    cosine = config.schedule == "cosine"
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: 0.5 * (1 + math.cos(math.pi * step / total)) if cosine else 1.0
     )

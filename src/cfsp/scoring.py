@@ -11,11 +11,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
-from cfsp.calibration import BlockStats
+from cfsp import config as names
+from cfsp import layouts
 from cfsp.compensation import refit_weight
 from cfsp.errors import CfspError
 from cfsp.models import statistics_device
+from cfsp.statistics import BlockStats
 
 # ---------------------------------------------------------------------------------------------
 # Block (coarse) metrics: mean over calibration tokens.
@@ -69,15 +72,19 @@ def group_refit_error(
     alone is removed: ``E||W x - W' x_K||^2`` with ``K`` the other groups' columns, from the Gram
     matrix ``G = E[x x^T]``. Unlike the energy it credits what the kept heads can take over (heads
     that attend alike), which is what the refit then does."""
-    weight = out_weight.detach().to(heads.gram.device, torch.float64)
     gram = heads.gram / heads.tokens
+    weight = out_weight.detach().to(gram.device, torch.float64)
     columns = torch.arange(gram.shape[0], device=gram.device)
     errors = []
     for group in range(gram.shape[0] // width):
         kept = columns[(columns < group * width) | (columns >= (group + 1) * width)]
         refit = refit_weight(weight, kept, heads, damping, centred=False)
-        full, cut = weight @ gram, refit @ gram[kept]  # [H, D]: what each map correlates with x
-        error = (full * weight).sum() - 2 * (cut * weight).sum() + (refit @ gram[kept][:, kept] * refit).sum()
+        dense_map, refit_map = weight @ gram, refit @ gram[kept]  # [H, D]: what each correlates with x
+        error = (
+            (dense_map * weight).sum()
+            - 2 * (refit_map * weight).sum()
+            + (refit @ gram[kept][:, kept] * refit).sum()
+        )
         errors.append(error)
     return torch.stack(errors)
 
@@ -109,8 +116,8 @@ class ChannelInputs:
     up_weight: torch.Tensor  # up projection weight      [D, H]
     gate_weight: torch.Tensor | None  # gate weight      [D, H]; None for a plain (ungated) MLP
     stats: BlockStats
-    b: float = 1.0
-    c: float = 1.0
+    weight_activation_exponent: float = 1.0  # the paper's b
+    activation_exponent: float = 1.0  # the paper's c
     window_fluctuation: bool = False  # FLAP's reference recurrence over windows, not the variance
 
     # The float64 [H, D] views are made on each use, not held: three float64 copies of a wide
@@ -182,44 +189,41 @@ def _colsum_normalised(weight: torch.Tensor) -> torch.Tensor:
     return magnitude / magnitude.sum(dim=0, keepdim=True)
 
 
-def _rownorm_normalised(weight: torch.Tensor) -> torch.Tensor:
-    """|W| divided by its row sum (over intermediate channels): the channels compete per hidden unit."""
-    magnitude = weight.abs()
-    return magnitude / magnitude.sum(dim=1, keepdim=True)
-
-
-def three_w_one_wa(w: ChannelInputs) -> torch.Tensor:
-    """The reference default. Ranks exactly as ``A^c`` (every term is column-normalised)."""
+def cfsp_paper(w: ChannelInputs) -> torch.Tensor:
+    """The paper's (and the reference's default) score: the three weight matrices column-normalised,
+    down_proj's weighted by ``A^b``, times ``A^c``. Ranks exactly as ``A^c`` (every term is
+    column-normalised)."""
     act = w.act_norm
-    weighted_down = w.down.abs() * act.pow(w.b)
+    weighted_down = w.down.abs() * act.pow(w.weight_activation_exponent)
     m = _colsum_normalised(weighted_down)
     for weight in w.inputs():
         m = m + _colsum_normalised(weight)
-    return (m * act.pow(w.c)).mean(dim=0)
+    return (m * act.pow(w.activation_exponent)).mean(dim=0)
 
 
-def three_w_one_a(w: ChannelInputs) -> torch.Tensor:
+def cfsp_paper_unweighted(w: ChannelInputs) -> torch.Tensor:
     """Three column-normalised weights times ``A^c`` (the down weight not activation-weighted)."""
     m = sum(_colsum_normalised(weight) for weight in w.weights())
-    return (m * w.act_norm.pow(w.c)).mean(dim=0)
+    return (m * w.act_norm.pow(w.activation_exponent)).mean(dim=0)
 
 
-def one_wa(w: ChannelInputs) -> torch.Tensor:
+def cfsp_paper_down(w: ChannelInputs) -> torch.Tensor:
     """The activation-weighted down term alone, column-normalised, times ``A^c``."""
     act = w.act_norm
-    return (_colsum_normalised(w.down.abs() * act.pow(w.b)) * act.pow(w.c)).mean(dim=0)
+    weighted_down = w.down.abs() * act.pow(w.weight_activation_exponent)
+    return (_colsum_normalised(weighted_down) * act.pow(w.activation_exponent)).mean(dim=0)
 
 
-def one_a(w: ChannelInputs) -> torch.Tensor:
+def activation(w: ChannelInputs) -> torch.Tensor:
     """Activation magnitude alone: ``A^c``."""
-    return w.act_norm.pow(w.c)
+    return w.act_norm.pow(w.activation_exponent)
 
 
 def ria(w: ChannelInputs) -> torch.Tensor:
     """Relative importance: each weight relative to its row (competing channels) and its column.
 
     ``mean_i(|W_ij| / r_i + |W_ij| / c_j) * A_j^c`` summed over down, up and gate (if any), with row sums
-    ``r`` and column sums ``c``. Unlike ``three_w_one_wa`` the row term varies between channels,
+    ``r`` and column sums ``c``. Unlike ``cfsp_paper`` the row term varies between channels,
     so the weights matter. Written as a matrix-vector product (row term) and ``c_j / c_j`` (the
     column term: 1, or NaN for an all-zero column as the elementwise form gives), it needs one
     [H, D] temporary per matrix and a few passes instead of a dozen.
@@ -229,7 +233,7 @@ def ria(w: ChannelInputs) -> torch.Tensor:
         magnitude = weight.abs()
         column = magnitude.sum(dim=0)
         total += (magnitude.T @ magnitude.sum(dim=1).reciprocal() + column / column) / weight.shape[0]
-    return total * w.act_norm.pow(w.c)
+    return total * w.act_norm.pow(w.activation_exponent)
 
 
 def wanda_base(w: ChannelInputs) -> torch.Tensor:
@@ -248,16 +252,26 @@ def flap(w: ChannelInputs) -> torch.Tensor:
 
 
 CHANNEL_METRICS: dict[str, Callable[[ChannelInputs], torch.Tensor]] = {
-    "three_w_one_wa": three_w_one_wa,
-    "three_w_one_a": three_w_one_a,
-    "one_wa": one_wa,
-    "one_a": one_a,
+    "cfsp_paper": cfsp_paper,
+    "cfsp_paper_unweighted": cfsp_paper_unweighted,
+    "cfsp_paper_down": cfsp_paper_down,
+    "activation": activation,
     "ria": ria,
     "wanda_base": wanda_base,
     "mag_base": mag_base,
     "flap": flap,
 }
-NEEDS_ACTIVATIONS = {name for name in CHANNEL_METRICS if name != "mag_base"}
+
+# The config lists every registered name without importing this module (cfsp.config).
+for _table, _listed in (
+    (BLOCK_METRICS, names.BLOCK_METRICS),
+    (CHANNEL_METRICS, names.CHANNEL_METRICS),
+    (KV_GROUP_METRICS, names.KV_GROUP_METRICS),
+):
+    if tuple(_table) != _listed:
+        raise ImportError(
+            f"scoring registers {tuple(_table)} but cfsp.config lists {_listed}; list it there too"
+        )
 
 
 def channel_scores(metric: str, inputs: ChannelInputs) -> torch.Tensor:
@@ -270,3 +284,18 @@ def channel_scores(metric: str, inputs: ChannelInputs) -> torch.Tensor:
             "NaN or inf in channel scores; the activations overflowed: load the model in float32 or bfloat16"
         )
     return scores
+
+
+def block_scores(mlp: nn.Module, stats: BlockStats | None, config: names.PruneConfig) -> torch.Tensor:
+    """Channel scores of one block's MLP from its recorded statistics, as ``config`` says."""
+    gate_up = layouts.input_weights(mlp)  # [gate, up] or [up]
+    inputs = ChannelInputs(
+        down_weight=layouts.down_projection(mlp).weight,
+        up_weight=gate_up[-1],
+        gate_weight=gate_up[0] if len(gate_up) == 2 else None,
+        stats=stats,
+        weight_activation_exponent=config.weight_activation_exponent,
+        activation_exponent=config.activation_exponent,
+        window_fluctuation=config.fluctuation == "windows",
+    )
+    return channel_scores(config.channel_metric, inputs)

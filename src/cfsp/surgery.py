@@ -6,17 +6,13 @@ per block and returns a smaller dense model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from cfsp import layouts
-from cfsp.calibration import InMemoryBlocks
-from cfsp.compensation import Compensation
-from cfsp.memory import return_freed_memory
-from cfsp.models import block_mlp, decoder_blocks
 
 
 def _sliced_linear(old: nn.Linear, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -140,33 +136,3 @@ class AttentionCut:
         layouts.set_dropped_attention(config, sorted(self.dropped))
         if self.heads is not None:
             layouts.set_head_counts(config, self.heads)
-
-
-def apply_pruning(
-    model: nn.Module,
-    kept_channels: list[torch.Tensor],
-    compensation_of: Callable[[int, nn.Module], Compensation] | None = None,
-    placement: InMemoryBlocks | None = None,
-    compensated: bool = False,
-    uniform: bool = False,
-    attention: AttentionCut | None = None,
-) -> None:
-    """The loop that slices a model: every block to its kept channels and its attention cut, then
-    the config.
-
-    ``compensation_of(index, block)`` gives the block's down projection weight and bias to add (a
-    refit, a mean bias or the plan's bias) and any refit o_proj, computed while the block's dense
-    weights are on the device; ``placement`` onloads and offloads (or writes) each block around its turn.
-    """
-    placement = placement or InMemoryBlocks()
-    attention = attention or AttentionCut()
-    with_bias = needs_bias(model, compensated)
-    for index, (block, kept) in enumerate(zip(decoder_blocks(model), kept_channels, strict=True)):
-        placement.onload(index)
-        fix = compensation_of(index, block) if compensation_of is not None else Compensation()
-        slice_mlp(block_mlp(block), kept, fix.bias, with_bias=with_bias, down_weight=fix.weight)
-        attention.apply(index, block, fix.out_weight)
-        placement.offload(index)
-        return_freed_memory()
-    set_config_widths(model.config, [int(k.numel()) for k in kept_channels], with_bias, uniform)
-    attention.record(model.config)

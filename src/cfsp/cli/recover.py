@@ -15,11 +15,14 @@ from cfsp.cli.app import (
     console,
     friendly_errors,
 )
+from cfsp.cli.options import with_config_options
 from cfsp.errors import CfspError
+from cfsp.recovery.config import RecoveryConfig
 
 
 @app.command()
 @friendly_errors
+@with_config_options(RecoveryConfig)
 def recover(
     pruned_dir: Annotated[Path, typer.Argument(help="A pruned directory written by `cfsp prune`.")],
     out: Annotated[Path, typer.Option(help="Where to save the recovered (merged) pruned model.")],
@@ -29,29 +32,10 @@ def recover(
             help="instructions (gpteacher_roleplay + dolly_hhrlhf_small), one of them, wikitext2 or a file."
         ),
     ] = "instructions",
-    train: Annotated[
-        str, typer.Option(help="lora (adapters, merged afterwards) or mlp (the pruned MLP weights).")
-    ] = "lora",
-    rank: Annotated[int, typer.Option(help="Uniform LoRA rank R; sets the trainable-parameter budget.")] = 8,
-    allocation: Annotated[
-        str, typer.Option(help="LoRA ranks: importance (IG-LoRA) or uniform.")
-    ] = "importance",
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 200,
-    lr: Annotated[
-        float | None, typer.Option(help="Learning rate (default: 5e-4 for lora, 1e-4 for mlp).")
-    ] = None,
-    batch_size: Annotated[int, typer.Option(help="Examples per step and device.")] = 4,
-    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 4,
-    seqlen: Annotated[int, typer.Option(help="Maximum tokens per example.")] = 256,
-    seed: Annotated[int, typer.Option(help="Seed.")] = 0,
-    objective: Annotated[
-        str, typer.Option(help="lm (next-token loss), kd (distil the dense model) or lm+kd.")
-    ] = "lm",
     teacher: Annotated[
         str | None,
         typer.Option(help="The dense model for kd (default: the model the plan was pruned from)."),
     ] = None,
-    kd_temperature: Annotated[float, typer.Option(help="Distillation temperature.")] = 1.0,
     checkpoint_dir: Annotated[
         Path | None, typer.Option(help="Trainer checkpoints (default: OUT.checkpoints).")
     ] = None,
@@ -63,6 +47,7 @@ def recover(
         str, typer.Option(help="float32 (default: stable LoRA training) or bfloat16.")
     ] = "float32",
     device: DeviceOption = "auto",
+    options: dict | None = None,
 ) -> None:
     """Recover a pruned model (IG-LoRA, uniform LoRA or MLP fine-tuning; LM loss and/or distillation)."""
     import shutil
@@ -71,21 +56,10 @@ def recover(
     from cfsp.io import write_pruned
     from cfsp.models import resolve_device, resolve_dtype
     from cfsp.outdir import StagedOutput
-    from cfsp.recovery import RecoveryConfig, resolve_recovery_source
+    from cfsp.recovery import resolve_recovery_source
 
-    config = RecoveryConfig(
-        rank=rank,
-        allocation=allocation,
-        train=train,
-        steps=steps,
-        lr=lr,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        seqlen=seqlen,
-        seed=seed,
-        objective=objective,
-        kd_temperature=kd_temperature,
-    )
+    config = RecoveryConfig(**options)
+    objective, train, rank, allocation = config.objective, config.train, config.rank, config.allocation
     plan = cfsp.read_plan(pruned_dir)
     if objective != "lm":
         teacher = teacher or plan.get("source_model")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from cfsp.plan import Plan
 
-def summary_table(result) -> Table:
+
+def summary_table(result: Plan) -> Table:
     """Per-block importance, keep fraction and width, as decided by ``prune``. When the run drops
     attention sublayers (or searched for a count), also how far each sublayer turns the residual
     stream and which were dropped; otherwise those columns would only crowd an 80-column terminal."""
@@ -47,27 +49,30 @@ def _reconstruction_cell(report: dict | None) -> str:
     return f"{report[f'{key}_before']:.4f} -> {report[f'{key}_after']:.4f}{kept}"
 
 
-def totals_table(result, cost: dict | None = None) -> Table:
+def totals_table(result: Plan, cost: dict | None = None) -> Table:
     table = Table(show_header=False, box=None)
     table.add_row("target FFN sparsity", f"{result.target_sparsity:.3f}")
     table.add_row("realised FFN sparsity", f"{result.realised_sparsity:.3f}")
     if result.dropped_attention:
         blocks = ", ".join(map(str, result.dropped_attention))
         table.add_row("attention dropped", f"{len(result.dropped_attention)} sublayers (blocks {blocks})")
-    if result.options.get("kv_groups"):
+    config = result.config
+    if config.attention.kv_groups:
         kept = next(len(g) for g in result.kept_kv_groups if g is not None)
         table.add_row(
-            "KV groups", f"{result.options['kv_groups']} removed, {kept} kept per attention sublayer"
+            "KV groups", f"{config.attention.kv_groups} removed, {kept} kept per attention sublayer"
         )
     table.add_row("parameters before", f"{result.params_before:,}")
     table.add_row(
         "parameters after", f"{result.params_after:,} ({result.params_after / result.params_before:.3f}x)"
     )
-    if result.options.get("total_sparsity") is not None:
+    if config.total_sparsity is not None:
         table.add_row(
             "total sparsity",
-            f"{1 - result.params_after / result.params_before:.3f} (target {result.options['total_sparsity']})",
+            f"{1 - result.params_after / result.params_before:.3f} (target {config.total_sparsity})",
         )
+    if result.second_moments is not None:
+        table.add_row("refit Gram matrices", result.second_moments)
     table.add_row("pruning time", f"{result.seconds:.1f} s")
     if cost is not None:
         table.add_row("peak memory (process RSS)", f"{cost['peak_rss_bytes'] / 2**20:,.0f} MiB")

@@ -10,48 +10,51 @@ The pieces, in the order a run uses them:
 - ``training``: the Hugging Face Trainer run (checkpoints, resume, devices) and its result.
 """
 
-from cfsp.recovery.config import DEFAULT_LR, DEFAULT_TARGETS, OBJECTIVES, TRAINED, RecoveryConfig
-from cfsp.recovery.data import (
-    ALPACA_PROMPT,
-    ALPACA_PROMPT_NO_INPUT,
-    IGNORE_INDEX,
-    RECOVERY_MIXES,
-    RECOVERY_SOURCES,
-    PadCollator,
-    RecoveryDataset,
-    format_instruction,
-    instruction_examples,
-    load_recovery_data,
-    pad_id,
-    resolve_recovery_source,
-    text_examples,
-)
-from cfsp.recovery.distillation import distillation_trainer, kd_loss
-from cfsp.recovery.ranks import (
-    BUDGET_TOLERANCE,
-    allocate_ranks,
-    block_targets,
-    decoder_blocks,
-    lora_param_count,
-    plan_ranks,
-    rank_unit_costs,
-    uniform_ranks,
-)
-from cfsp.recovery.trainable import (
-    attach_lora,
-    build_lora_config,
-    count_trainable,
-    merge_lora,
-    train_mlp_weights,
-)
-from cfsp.recovery.training import (
-    RecoveryResult,
-    check_checkpoint_ranks,
-    recover,
-    resume_checkpoint,
-    training_arguments,
-)
+from __future__ import annotations
 
+import importlib
+
+# Imported on first use, so that the command line reads RecoveryConfig without loading torch.
+_EXPORTS = {
+    "ALPACA_PROMPT": "cfsp.recovery.data",
+    "ALPACA_PROMPT_NO_INPUT": "cfsp.recovery.data",
+    "BUDGET_TOLERANCE": "cfsp.recovery.ranks",
+    "DEFAULT_LR": "cfsp.recovery.config",
+    "DEFAULT_TARGETS": "cfsp.recovery.config",
+    "IGNORE_INDEX": "cfsp.recovery.data",
+    "OBJECTIVES": "cfsp.recovery.config",
+    "PadCollator": "cfsp.recovery.data",
+    "RECOVERY_MIXES": "cfsp.recovery.data",
+    "RECOVERY_SOURCES": "cfsp.recovery.data",
+    "RecoveryConfig": "cfsp.recovery.config",
+    "RecoveryDataset": "cfsp.recovery.data",
+    "RecoveryResult": "cfsp.recovery.training",
+    "TRAINED": "cfsp.recovery.config",
+    "allocate_ranks": "cfsp.recovery.ranks",
+    "attach_lora": "cfsp.recovery.trainable",
+    "block_targets": "cfsp.recovery.ranks",
+    "build_lora_config": "cfsp.recovery.trainable",
+    "check_checkpoint_ranks": "cfsp.recovery.training",
+    "count_trainable": "cfsp.recovery.trainable",
+    "decoder_blocks": "cfsp.recovery.ranks",
+    "distillation_trainer": "cfsp.recovery.distillation",
+    "format_instruction": "cfsp.recovery.data",
+    "instruction_examples": "cfsp.recovery.data",
+    "kd_loss": "cfsp.recovery.distillation",
+    "load_recovery_data": "cfsp.recovery.data",
+    "lora_param_count": "cfsp.recovery.ranks",
+    "merge_lora": "cfsp.recovery.trainable",
+    "pad_id": "cfsp.recovery.data",
+    "plan_ranks": "cfsp.recovery.ranks",
+    "rank_unit_costs": "cfsp.recovery.ranks",
+    "recover": "cfsp.recovery.training",
+    "resolve_recovery_source": "cfsp.recovery.data",
+    "resume_checkpoint": "cfsp.recovery.training",
+    "text_examples": "cfsp.recovery.data",
+    "train_mlp_weights": "cfsp.recovery.trainable",
+    "training_arguments": "cfsp.recovery.training",
+    "uniform_ranks": "cfsp.recovery.ranks",
+}
 __all__ = [
     "ALPACA_PROMPT",
     "ALPACA_PROMPT_NO_INPUT",
@@ -60,13 +63,13 @@ __all__ = [
     "DEFAULT_TARGETS",
     "IGNORE_INDEX",
     "OBJECTIVES",
+    "PadCollator",
     "RECOVERY_MIXES",
     "RECOVERY_SOURCES",
-    "TRAINED",
-    "PadCollator",
     "RecoveryConfig",
     "RecoveryDataset",
     "RecoveryResult",
+    "TRAINED",
     "allocate_ranks",
     "attach_lora",
     "block_targets",
@@ -86,9 +89,17 @@ __all__ = [
     "rank_unit_costs",
     "recover",
     "resolve_recovery_source",
+    "resume_checkpoint",
     "text_examples",
     "train_mlp_weights",
-    "uniform_ranks",
-    "resume_checkpoint",
     "training_arguments",
+    "uniform_ranks",
 ]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'cfsp.recovery' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

@@ -1,22 +1,34 @@
-"""The settings of one recovery run, checked when they are made so bad values fail before any work."""
+"""The settings of one recovery run, checked when they are made so bad values fail before any work.
+
+Like ``PruneConfig``, each field carries its help text; ``cfsp recover`` generates its flags from
+them. Nothing heavy is imported here.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+from cfsp.config import option
 from cfsp.errors import CfspError
-from cfsp.layouts import MLP_LAYOUTS
 
-# The attention projections and every MLP layout's projections (cfsp.layouts); each model has
-# some of them (Llama: q/k/v/o + gate/up/down; Phi-3: qkv_proj/o_proj + gate_up_proj/down_proj).
+# The attention projections and every MLP layout's projections (cfsp.layouts.MLP_LAYOUTS, checked
+# by a test); each model has some of them (Llama: q/k/v/o + gate/up/down; Phi-3: qkv_proj/o_proj +
+# gate_up_proj/down_proj).
 DEFAULT_TARGETS: tuple[str, ...] = (
     "q_proj",
     "k_proj",
     "v_proj",
     "qkv_proj",
     "o_proj",
-    *dict.fromkeys(name for layout in MLP_LAYOUTS for name in layout.names),
+    "down_proj",
+    "up_proj",
+    "gate_proj",
+    "gate_up_proj",
+    "c_proj",
+    "c_fc",
+    "fc2",
+    "fc1",
 )
 OBJECTIVES = ("lm", "kd", "lm+kd")  # next-token loss, distillation from the dense model, or both
 TRAINED = ("lora", "mlp")  # (IG-)LoRA adapters merged afterwards, or the pruned MLP weights themselves
@@ -29,32 +41,44 @@ DEFAULT_LR = {"lora": 5e-4, "mlp": 1e-4}
 class RecoveryConfig:
     """Settings of one recovery run; validated on creation so bad values fail before training."""
 
-    rank: int = 8  # uniform rank R; also sets the trainable-parameter budget
-    alpha: float | None = None  # None -> 2 * rank
-    dropout: float = 0.05
-    allocation: str = "importance"  # "importance" (IG-LoRA) or "uniform"
-    min_rank: int = 1
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
-    steps: int = 200
-    lr: float | None = None  # None -> DEFAULT_LR[train]
-    batch_size: int = 4
-    grad_accum: int = 4
-    seqlen: int = 256
-    max_samples: int | None = None
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    lr_scheduler: str = "linear"
-    logging_steps: int = 10
-    save_steps: int = 100
-    save_total_limit: int | None = 3
-    gradient_checkpointing: bool = False
-    bf16: bool = False
-    seed: int = 0
-    objective: str = "lm"  # see cfsp.distillation; kd and lm+kd need the dense model as teacher
-    train: str = "lora"  # what trains: "lora" adapters or the "mlp" weights of every block
-    kd_temperature: float = 1.0
+    rank: int = option(8, "Uniform LoRA rank R; also sets the trainable-parameter budget.")
+    alpha: float | None = option(None, "LoRA alpha (default: 2 x rank).")
+    dropout: float = option(0.05, "LoRA dropout.")
+    allocation: str = option(
+        "importance",
+        "LoRA ranks per block: importance (IG-LoRA) or uniform.",
+        choices=("importance", "uniform"),
+    )
+    min_rank: int = option(1, "Smallest rank IG-LoRA gives a block.")
+    target_modules: tuple[str, ...] = option(
+        DEFAULT_TARGETS, "Projections that get adapters, comma-separated (those a model lacks are skipped)."
+    )
+    steps: int = option(200, "Optimizer steps.")
+    lr: float | None = option(None, "Learning rate (default: 5e-4 for lora, 1e-4 for mlp).")
+    batch_size: int = option(4, "Examples per step and device.")
+    grad_accum: int = option(4, "Gradient accumulation steps.")
+    seqlen: int = option(256, "Maximum tokens per example.")
+    max_samples: int | None = option(None, "Use at most this many training examples.")
+    warmup_steps: int = option(0, "Learning-rate warm-up steps.")
+    weight_decay: float = option(0.0, "AdamW weight decay.")
+    lr_scheduler: str = option("linear", "Learning-rate schedule (a transformers scheduler name).")
+    logging_steps: int = option(10, "Log the loss every N steps.")
+    save_steps: int = option(100, "Save a resumable checkpoint every N steps.")
+    save_total_limit: int | None = option(3, "Checkpoints kept (older ones are deleted).")
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass (less memory).")
+    bf16: bool = option(False, "bfloat16 mixed precision (on a GPU that has it).")
+    seed: int = option(0, "Seed.")
+    objective: str = option(
+        "lm", "lm (next-token loss), kd (distil the dense model) or lm+kd.", choices=OBJECTIVES
+    )
+    train: str = option(
+        "lora", "lora (adapters, merged afterwards) or mlp (the pruned MLP weights).", choices=TRAINED
+    )
+    kd_temperature: float = option(1.0, "Distillation temperature.")
 
     def __post_init__(self) -> None:
+        if isinstance(self.target_modules, str):  # the command line's comma-separated list
+            self.target_modules = [name.strip() for name in self.target_modules.split(",") if name.strip()]
         self.target_modules = tuple(self.target_modules)
         if self.train not in TRAINED:
             raise CfspError(f"unknown --train {self.train!r}; choose one of {', '.join(TRAINED)}")
