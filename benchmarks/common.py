@@ -11,11 +11,11 @@ from pathlib import Path
 import torch
 
 import cfsp
-from cfsp.bench import forward_pass_seconds
 from cfsp.evaluation import perplexity, wikitext_ids
 from cfsp.llamacpp import GreedyRunner, open_model
 from cfsp.memory import pruning_cost
 from cfsp.outdir import dumps, write_text_atomic
+from cfsp.speed import forward_pass_seconds
 from cfsp.statistics import calibrate
 
 RESULTS = Path(__file__).resolve().parent / "results"

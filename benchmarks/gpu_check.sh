@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 import copy, json, time
 import torch
 import cfsp
-from cfsp.bench import forward_pass_seconds
+from cfsp.speed import forward_pass_seconds
 from cfsp.statistics import calibrate
 
 assert torch.cuda.is_available(), "no CUDA GPU visible"

@@ -19,10 +19,10 @@ from pathlib import Path
 from common import RESULTS, add_protocol_arguments, prepare, pruned_variant, stamp, write_json
 
 import cfsp
-from cfsp.bench import llamacpp_speed_benchmark
 from cfsp.evaluation import perplexity_of_ids, wikitext_ids
 from cfsp.export import export_gguf
 from cfsp.llamacpp import perplexity as llama_cpp_perplexity
+from cfsp.speed import llamacpp_speed_benchmark
 
 
 def test_windows(tokenizer, windows: int, seqlen: int):

@@ -16,9 +16,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from common import RESULTS, add_protocol_arguments, prepare, pruned_variant, stamp, wikitext_ppl, write_json  # noqa: E402
 
-from cfsp.bench import speed_benchmark  # noqa: E402
 from cfsp.evaluation import HEADLINE_METRIC, evaluate  # noqa: E402
 from cfsp.models import count_parameters  # noqa: E402
+from cfsp.speed import speed_benchmark  # noqa: E402
 
 ZERO_SHOT = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 # label -> prune() options. "cfsp-reference" is the reference configuration (its channel metric,

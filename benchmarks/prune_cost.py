@@ -2,7 +2,7 @@
 peak memory against the weights, each case in its own process so that each peak is its own.
 
 - SmolLM2-135M, 32 x 512 calibration tokens, cfsp defaults (refit), in memory: the Gram matrices
-  held from the one calibration pass (``second_moments="hold"``, what ``auto`` chooses here)
+  held from the one calibration pass (``second_moments="auto"`` chooses to hold them here)
   against a second pass that collects them one block at a time (``"second-pass"``).
 - Qwen2.5-1.5B-Instruct at its full published size (``tests/real_configs``, random float32
   weights saved as a safetensors directory: memory does not depend on the values), 8 x 256
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 API_CHILD = r"""
 import json, sys, torch
 import cfsp
-from cfsp.bench import forward_pass_seconds
+from cfsp.speed import forward_pass_seconds
 from cfsp.memory import peak_rss_bytes, pruning_cost
 mode, n, length = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 model, tokenizer = cfsp.load_model("smollm2", device="cpu")
@@ -97,7 +97,7 @@ def child(code: str, *args: str) -> dict:
 
 def smollm2_rows() -> dict:
     rows = {}
-    for mode in ("hold", "second-pass", "auto"):
+    for mode in ("auto", "second-pass"):
         row = child(API_CHILD, mode, "32", "512")
         row.update(model="smollm2", calibration="32 x 512", mode=mode)
         row["peak_over_weights"] = row["peak_rss_bytes"] / row["weights_bytes"]

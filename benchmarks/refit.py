@@ -15,8 +15,8 @@ import time
 
 from common import RESULTS, add_protocol_arguments, prepare, pruned_variant, stamp, wikitext_ppl, write_json
 
-from cfsp.bench import forward_pass_seconds
 from cfsp.memory import pruning_cost
+from cfsp.speed import forward_pass_seconds
 from cfsp.statistics import calibrate
 
 DEFAULT = "cfsp mean (previous default)"  # the baseline every row is compared with

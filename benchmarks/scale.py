@@ -40,7 +40,7 @@ from cfsp.models import load_tokenizer
 calib = cfsp.calibration_windows(load_tokenizer(folder), n=n, length=length, seed=0)
 start = time.perf_counter()
 if mode == "forward":
-    from cfsp.bench import forward_pass_seconds
+    from cfsp.speed import forward_pass_seconds
     model, _ = cfsp.load_model(folder, device="cpu")
     start = time.perf_counter()
     seconds = forward_pass_seconds(model, calib, batch_size=8)

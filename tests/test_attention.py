@@ -407,7 +407,7 @@ def test_ig_lora_recovery_trains_a_model_with_blocks_without_attention(tmp_path)
 
 
 def test_benchmark_decoding_on_the_cache_matches_generate_with_blocks_without_attention():
-    from cfsp.bench import greedy_decode
+    from cfsp.speed import greedy_decode
 
     model = make_tiny_model("gemma3")
     for index in (0, 1):

@@ -11,7 +11,9 @@ from conftest import COMMON, FAMILY_CONFIGS, make_tiny_model
 from rich.console import Console
 from transformers import AutoModelForCausalLM
 
-from cfsp.bench import (
+from cfsp.errors import CfspError
+from cfsp.memory import pruning_cost
+from cfsp.speed import (
     count_parameters,
     format_bench_table,
     forward_pass_seconds,
@@ -19,8 +21,6 @@ from cfsp.bench import (
     size_on_disk,
     speed_benchmark,
 )
-from cfsp.errors import CfspError
-from cfsp.memory import pruning_cost
 
 
 def _narrow_llama(intermediate_size: int = 128) -> torch.nn.Module:

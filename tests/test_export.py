@@ -173,8 +173,8 @@ def test_bench_cli_times_two_gguf_files(tmp_path):
 @pytest.mark.parametrize("tied", [False, True])
 def test_decode_weights_count_one_embedding_row_unless_the_head_is_tied(tied, tmp_path):
     """What a decoded token reads, from the model and from its GGUF file alike."""
-    from cfsp.bench import decode_read_parameters
     from cfsp.llamacpp import gguf_decode_parameters
+    from cfsp.speed import decode_read_parameters
 
     model = make_tiny_model("llama")
     if tied:

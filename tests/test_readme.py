@@ -34,7 +34,7 @@ def run_snippets(path: Path, monkeypatch, tmp_path) -> dict:
 def test_readme_python_snippet_runs(monkeypatch, tmp_path):
     assert len(python_snippets(README)) == 1
     namespace = run_snippets(README, monkeypatch, tmp_path)
-    assert cfsp.read_plan(tmp_path / "out" / "smollm2-50")["widths"] == namespace["result"].widths
+    assert cfsp.read_plan(tmp_path / "out" / "smollm2-50")["widths"] == namespace["plan"].widths
     assert namespace["scores"]["results"]["wikitext2"]["ppl"] > 1
 
 

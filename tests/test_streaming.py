@@ -27,6 +27,7 @@ def _source(family, tmp_path, shard=False):
         dict(sequential=True),
         dict(sequential=True, compensation="refit"),
         dict(compensation="refit"),
+        dict(max_memory=1.0),  # streamed with every Gram matrix held: one pass, the same weights
         dict(sequential=True, offload_activations=True),
         dict(compensation="reconstruct", reconstruct_epochs=2, reconstruct_holdout=0.0),
         dict(
@@ -68,3 +69,21 @@ def test_streaming_needs_safetensors(calib, tmp_path):
     with pytest.raises(cfsp.CfspError, match="no safetensors weights"):
         prune_directory(tmp_path / "empty", calib, 0.5, tmp_path / "x", device="cpu")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_directory_loaded_whole_tensor_by_tensor_equals_from_pretrained(family, tmp_path):
+    """``--no-stream`` reads each tensor into storage of its own (so what pruning removes is
+    freed); the model is the one from_pretrained builds, ties included."""
+    from cfsp.streaming import load_whole
+
+    source = _source(family, tmp_path, shard=family == "llama")
+    expected, _ = cfsp.load_model(source, device="cpu")
+    model = load_whole(source, device="cpu")
+    assert type(model) is type(expected)
+    state, want = model.state_dict(), expected.state_dict()
+    assert state.keys() == want.keys() and all(torch.equal(state[k], want[k]) for k in want)
+    tied = expected.get_output_embeddings().weight is expected.get_input_embeddings().weight
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    ids = torch.randint(0, 200, (2, 16))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected(ids).logits)

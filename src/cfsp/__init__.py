@@ -6,8 +6,9 @@ load torch and the whole pipeline before anything needs them.
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from cfsp.lazy import lazy_exports
 
 _EXPORTS = {
     "CfspError": "cfsp.errors",
@@ -15,18 +16,18 @@ _EXPORTS = {
     "PruneConfig": "cfsp.config",
     "PruneResult": "cfsp.pruning",
     "RecoveryConfig": "cfsp.recovery.config",
-    "apply_plan": "cfsp.io",
+    "apply_plan": "cfsp.saving",
     "calibration_windows": "cfsp.data",
     "evaluate": "cfsp.evaluation",
     "export_gguf": "cfsp.export",
-    "llamacpp_speed_benchmark": "cfsp.bench",
+    "llamacpp_speed_benchmark": "cfsp.speed",
     "load_model": "cfsp.models",
     "load_pruned": "cfsp.models",
     "prune": "cfsp.pruning",
     "read_plan": "cfsp.plan",
     "recover": "cfsp.recovery",
-    "save_pruned": "cfsp.io",
-    "speed_benchmark": "cfsp.bench",
+    "save_pruned": "cfsp.saving",
+    "speed_benchmark": "cfsp.speed",
 }
 __all__ = [
     "CfspError",
@@ -49,22 +50,17 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from cfsp.bench import llamacpp_speed_benchmark, speed_benchmark
     from cfsp.config import PruneConfig
     from cfsp.data import calibration_windows
     from cfsp.errors import CfspError
     from cfsp.evaluation import evaluate
     from cfsp.export import export_gguf
-    from cfsp.io import apply_plan, save_pruned
     from cfsp.models import load_model, load_pruned
     from cfsp.plan import Plan, read_plan
     from cfsp.pruning import PruneResult, prune
     from cfsp.recovery import RecoveryConfig, recover
+    from cfsp.saving import apply_plan, save_pruned
+    from cfsp.speed import llamacpp_speed_benchmark, speed_benchmark
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'cfsp' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -44,8 +44,10 @@ class BlockSurgery:
         self.rule = plan.compensation_rule or "none"  # "plan": the plan's own biases (a replay)
         self.keep_statistics = keep_statistics  # statistics the caller reuses: their Gram matrices stay
         self.kept = list(plan.kept_channels)
-        adds_bias = self.rule == "plan" and plan.down_biases is not None
-        adds_bias = adds_bias or (self.rule == "mean" or (self.rule == "refit" and not self.config.uniform))
+        if self.rule == "plan":
+            adds_bias = plan.down_biases is not None
+        else:  # the mean bias, and the refit's intercept (a uniform, stock output refits without one)
+            adds_bias = self.rule == "mean" or (self.rule == "refit" and not self.config.uniform)
         self.with_bias = needs_bias(model, adds_bias)
         self.biases: list[torch.Tensor] | None = [] if adds_bias else None
         self.reports: list[dict] = []

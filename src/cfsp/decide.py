@@ -136,8 +136,7 @@ def decide(
     if config.sequential and calib is None:
         raise CfspError("sequential pruning needs calibration windows (pass calib / --calib-source)")
     check_model(model, config, placement)
-    wants_stats = config.needs_calibration
-    if wants_stats and calib is None and stats is None:
+    if config.needs_calibration and calib is None and stats is None:
         raise CfspError(f"method {config.method!r} needs calibration windows (pass calib / --calib-source)")
     blocks = decoder_blocks(model)
     original = ffn_widths(model)
@@ -149,29 +148,12 @@ def decide(
     allocation.check_achievable(config, original)
     refits = config.compensation in ("refit", "reconstruct")
     hold, why = hold_second_moments(model, config, placement, heads_after) if refits else (False, "")
-    if stats is None and wants_stats:
-        records: list[BlockStats | None] = [BlockStats() for _ in blocks]
-        scoring = ScoreBlocks(records, config, heads_after, keep_head_grams=hold)
-        steps = statistic_steps(records, hold, heads_after is not None, config.needs_window_stats)
-        run_blocks(
-            model,
-            calib,
-            [*steps, scoring],
-            batch_size=config.batch_size,
-            placement=placement,
-            progress=progress,
-        )
-    else:
-        records = stats if wants_stats else [None] * len(blocks)  # e.g. Magnitude-SP: weights only
-        scoring = ScoreBlocks(records, config, heads_after, keep_head_grams=True)
-        for index, block in enumerate(blocks):
-            placement.onload(index)
-            scoring.score(index, block)
-            placement.offload(index)
-    importance = block_importance(records, config.block_metric) if wants_stats else None
-    attention_importance = mlp_importance = None
-    if wants_stats:
-        attention_importance, mlp_importance = sublayer_importance(records)
+    records, scoring = _calibrate_and_score(
+        model, calib, config, placement, stats, heads_after, hold, progress
+    )
+    calibrated = config.needs_calibration
+    importance = block_importance(records, config.block_metric) if calibrated else None
+    attention_importance, mlp_importance = sublayer_importance(records) if calibrated else (None, None)
     dropped = choose_dropped_attention(blocks, attention_importance, drop_count)
     if config.total_sparsity is not None:
         config = with_budget(config, model, dropped, original)
@@ -179,45 +161,17 @@ def decide(
             f"budget: {config.total_sparsity} of all parameters = {len(dropped)} attention sublayers + FFN "
             f"sparsity {config.sparsity:.4f}"
         )
-    kept_groups = None
-    if heads_after is not None:
-        kept_groups = choose_kv_groups(
-            [None if i in dropped else g for i, g in enumerate(scoring.group_scores)],
-            config.attention.kv_groups,
-        )
-        log.info(
-            f"removing {config.attention.kv_groups} KV group(s) from each attention sublayer: "
-            f"{heads_after.heads} heads, {heads_after.kv_heads} KV heads remain"
-        )
+    kept_groups = _choose_kv_groups(config, heads_after, scoring.group_scores, dropped)
     if dropped:
         log.info(
             f"dropping the attention of blocks {', '.join(map(str, dropped))} (angular importance "
             f"{', '.join(f'{attention_importance[i]:.4f}' for i in dropped)})"
         )
-    tokens = [s.tokens for s in records] if wants_stats else None
+    tokens = [s.tokens for s in records] if calibrated else None
     keep, kept = allocation.allocate(config, scoring.scores, importance, tokens)
     kept = [k if k.numel() else s.argmax().view(1) for k, s in zip(kept, scoring.scores, strict=True)]
     allocation.check_realised(config, [k.numel() for k in kept], original)
-    # The refit's fallback is decided before any second moment is collected in a second pass.
-    rule = config.compensation if config.compensation != "reconstruct" else "refit"
-    if rule == "refit":
-        fallback = "none" if config.uniform else "mean"  # a stock output has no bias to put the mean in
-        rule = refit_or_mean(records[0].tokens, max(k.numel() for k in kept), fallback)
-    held = rule == "refit" and all(s is not None and s.has_gram for s in records)
-    if rule == "refit":
-        log.info(
-            "refit: "
-            + (
-                "every block's Gram matrix held from the one calibration pass"
-                if held
-                else "Gram matrices collected one block at a time in a second pass"
-            )
-            + (f" ({why})" if why else "")
-        )
-    elif stats is None:
-        for record in records:  # the fallback needs no second moments
-            if record is not None:
-                record.drop_second_moments()
+    rule, second_moments = _compensation_rule(config, records, kept, why, drop_grams=stats is None)
     plan = Plan(
         # The refit may have fallen back to the mean; reconstruction is recorded as such, from its start.
         config=config if config.reconstructs else config.with_changes(compensation=rule),
@@ -232,10 +186,88 @@ def decide(
         kept_kv_groups=kept_groups,
         calibration=calibration if importance is not None else None,
         compensation_rule=rule,
-        second_moments=None if rule != "refit" else ("held" if held else "second pass"),
+        second_moments=second_moments,
         params_before=count_parameters(model),
     )
     return plan, records
+
+
+def _calibrate_and_score(
+    model: nn.Module,
+    calib: torch.Tensor | None,
+    config: PruneConfig,
+    placement: InMemoryBlocks,
+    stats: list[BlockStats] | None,
+    heads: HeadShape | None,
+    hold: bool,
+    progress: bool,
+) -> tuple[list[BlockStats | None], ScoreBlocks]:
+    """The one calibration pass with the scoring step (or, with ``stats`` given or no calibration
+    needed, the scores alone, block by block)."""
+    blocks = decoder_blocks(model)
+    if stats is None and config.needs_calibration:
+        records: list[BlockStats | None] = [BlockStats() for _ in blocks]
+        scoring = ScoreBlocks(records, config, heads, keep_head_grams=hold)
+        steps = statistic_steps(records, hold, heads is not None, config.needs_window_stats)
+        run_blocks(
+            model,
+            calib,
+            [*steps, scoring],
+            batch_size=config.batch_size,
+            placement=placement,
+            progress=progress,
+        )
+        return records, scoring
+    records = stats if config.needs_calibration else [None] * len(blocks)  # Magnitude-SP: weights only
+    scoring = ScoreBlocks(records, config, heads, keep_head_grams=True)
+    for index, block in enumerate(blocks):
+        placement.onload(index)
+        scoring.score(index, block)
+        placement.offload(index)
+    return records, scoring
+
+
+def _choose_kv_groups(
+    config: PruneConfig, heads: HeadShape | None, group_scores: list, dropped: list[int]
+) -> list[torch.Tensor | None] | None:
+    if heads is None:
+        return None
+    count = config.attention.kv_groups
+    log.info(
+        f"removing {count} KV group(s) from each attention sublayer: {heads.heads} heads, "
+        f"{heads.kv_heads} KV heads remain"
+    )
+    return choose_kv_groups([None if i in dropped else g for i, g in enumerate(group_scores)], count)
+
+
+def _compensation_rule(
+    config: PruneConfig,
+    records: list[BlockStats | None],
+    kept: list[torch.Tensor],
+    why: str,
+    drop_grams: bool,
+) -> tuple[str, str | None]:
+    """What the surgery applies (the refit falls back to the mean bias with too few tokens, decided
+    before any second moment is collected in a second pass), and where the refit's Gram matrices
+    come from: held from the one pass, or a second pass."""
+    rule = config.compensation if config.compensation != "reconstruct" else "refit"
+    if rule == "refit":
+        fallback = "none" if config.uniform else "mean"  # a stock output has no bias to put the mean in
+        rule = refit_or_mean(records[0].tokens, max(k.numel() for k in kept), fallback)
+    if rule != "refit":
+        if drop_grams:
+            for record in records:  # the fallback needs no second moments
+                if record is not None:
+                    record.drop_second_moments()
+        return rule, None
+    held = all(s is not None and s.has_gram for s in records)
+    where = (
+        "every block's Gram matrix held from the one calibration pass"
+        if held
+        else "Gram matrices collected one block at a time in a second pass"
+    )
+    log.info(f"refit: {where}" + (f" ({why})" if why else ""))
+    return rule, "held" if held else "second pass"
 
 
 def with_budget(config: PruneConfig, model: nn.Module, dropped: list[int], full: list[int]) -> PruneConfig:

@@ -171,6 +171,37 @@ def empty_model(
     return model.eval()
 
 
+def load_whole(
+    folder: str | os.PathLike, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"
+) -> nn.Module:
+    """The model of a safetensors directory, whole in memory, each tensor read into storage of its
+    own with the file mapped only for that read.
+
+    ``from_pretrained`` keeps the weights as views of the memory-mapped files: every page the
+    pruning touches stays resident as long as any tensor of the file lives, so the MLP weights a
+    prune removes still count, beside their pruned copies (Qwen2.5-1.5B, float32: 1.46x the
+    weights at the peak, ``benchmarks/prune_cost.py``). Read like this, a removed tensor's memory
+    goes back at once.
+    """
+    path = Path(folder).expanduser()
+    execution = resolve_device(device)
+    compute_dtype = resolve_dtype(dtype, execution)
+    weights = SafetensorsWeights(path)
+    model = empty_model(path, weights, execution, compute_dtype)
+    blocks = StreamedBlocks(model, weights, execution, compute_dtype)
+    for index in range(len(decoder_blocks(model))):
+        blocks.onload(index)
+    model.tie_weights()
+    for name, parameter in list(model.named_parameters()):  # the token tables and the LM head
+        if parameter.is_meta and name in weights.files:
+            _load(model, name, weights, name, execution, compute_dtype)
+    model.tie_weights()
+    missing = [name for name, parameter in model.named_parameters() if parameter.is_meta]
+    if missing:
+        raise CfspError(f"cannot load the model in {path}: the weights have no tensor {missing[0]!r}")
+    return model.eval()
+
+
 def prune_directory(
     source: str | os.PathLike,
     calib: torch.Tensor | None,
@@ -223,7 +254,7 @@ def stream_into(
     **options,
 ) -> PruneResult:
     """The streamed pass, writing the pruned directory's files into the empty folder ``staging``."""
-    from cfsp.io import write_pruned_metadata
+    from cfsp.saving import write_pruned_metadata
 
     execution = resolve_device(device)
     compute_dtype = resolve_dtype(dtype, execution)

@@ -39,9 +39,9 @@ def bench(
 ) -> None:
     """Prefill / decode throughput of a pruned model against its dense original, side by side."""
     import cfsp
-    from cfsp.bench import check_bench_settings, format_bench_table, size_on_disk
     from cfsp.models import resolve_device, resolve_dtype
     from cfsp.outdir import check_report_path
+    from cfsp.speed import check_bench_settings, format_bench_table, size_on_disk
 
     if engine not in ("transformers", "llamacpp"):
         raise CfspError(f"unknown --engine {engine!r}; choose transformers or llamacpp")
@@ -50,7 +50,7 @@ def bench(
     lengths = parse_csv("prompt-lengths", prompt_lengths, int)
     check_bench_settings(sizes, lengths, decode_tokens, repeats)
     if engine == "llamacpp":
-        from cfsp.bench import llamacpp_speed_benchmark
+        from cfsp.speed import llamacpp_speed_benchmark
 
         if sizes != [1]:
             raise CfspError("llama.cpp is timed on one sequence at a time; use --batch-sizes 1")

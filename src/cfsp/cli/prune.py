@@ -59,11 +59,11 @@ def prune(
     """Prune a model's FFN channels and save a smaller dense model."""
     import cfsp
     from cfsp.data import check_windows, describe_windows, text_source_path
-    from cfsp.io import write_pruned
     from cfsp.memory import pruning_cost
     from cfsp.models import load_tokenizer, resolve_device, resolve_dtype
     from cfsp.outdir import StagedOutput
-    from cfsp.streaming import check_streamable, is_streamable, stream_into
+    from cfsp.saving import write_pruned
+    from cfsp.streaming import check_streamable, is_streamable, load_whole, stream_into
 
     if bias_compensation is not None:
         raise CfspError("--bias-compensation is gone; use --compensation mean (or none)")
@@ -87,7 +87,10 @@ def prune(
             net, tokenizer = None, load_tokenizer(model)
         else:
             console.print(f"loading [bold]{model}[/] ...")
-            net, tokenizer = cfsp.load_model(model, dtype=dtype, device=device)
+            if is_streamable(model):  # each tensor its own storage: what pruning removes is freed
+                net, tokenizer = load_whole(model, device=device, dtype=dtype), load_tokenizer(model)
+            else:
+                net, tokenizer = cfsp.load_model(model, dtype=dtype, device=device)
         calib = calibration = None
         if config.needs_calibration:
             calib = cfsp.calibration_windows(

@@ -53,10 +53,10 @@ def recover(
     import shutil
 
     import cfsp
-    from cfsp.io import write_pruned
     from cfsp.models import resolve_device, resolve_dtype
     from cfsp.outdir import StagedOutput
     from cfsp.recovery import resolve_recovery_source
+    from cfsp.saving import write_pruned
 
     config = RecoveryConfig(**options)
     objective, train, rank, allocation = config.objective, config.train, config.rank, config.allocation

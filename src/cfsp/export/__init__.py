@@ -31,8 +31,7 @@ import torch
 from cfsp import layouts
 from cfsp.errors import CfspError
 from cfsp.export import upstream
-from cfsp.export.encoding import MARKER, OUTTYPES, byte_shape, encode, gguf_module, storage_type
-from cfsp.export.layout import (
+from cfsp.export.deci import (
     ARCH,
     EXPORTABLE,
     DeciShape,
@@ -45,6 +44,7 @@ from cfsp.export.layout import (
     tensor_plan,
     write_hyperparameters,
 )
+from cfsp.export.encoding import MARKER, OUTTYPES, byte_shape, encode, gguf_module, storage_type
 from cfsp.export.quantize import QUANT_TYPES, QuantizeReport, check_quant_type, run_quantizer
 from cfsp.export.source import ExportSource, open_source
 from cfsp.export.tokenizer import tokenizer_metadata

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from cfsp.errors import CfspError
+from cfsp.export.deci import check_exportable
 from cfsp.export.encoding import gguf_module
-from cfsp.export.layout import check_exportable
 from cfsp.outdir import PLAN_FILE
 
 log = logging.getLogger("cfsp")

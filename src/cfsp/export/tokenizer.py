@@ -8,8 +8,8 @@ import logging
 from pathlib import Path
 
 from cfsp.errors import CfspError
+from cfsp.export.deci import ARCH
 from cfsp.export.encoding import gguf_module
-from cfsp.export.layout import ARCH
 from cfsp.export.source import ExportSource
 
 log = logging.getLogger("cfsp")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from cfsp import layouts
 from cfsp.errors import CfspError
-from cfsp.export.layout import EXPORTABLE, dropped_attention_from_config, layer_widths_from_config
+from cfsp.export.deci import EXPORTABLE, dropped_attention_from_config, layer_widths_from_config
 from cfsp.outdir import StagedOutput
 
 CONFIG_FILE = "configuration_decilm.py"

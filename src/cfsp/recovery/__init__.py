@@ -12,7 +12,7 @@ The pieces, in the order a run uses them:
 
 from __future__ import annotations
 
-import importlib
+from cfsp.lazy import lazy_exports
 
 # Imported on first use, so that the command line reads RecoveryConfig without loading torch.
 _EXPORTS = {
@@ -97,9 +97,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'cfsp.recovery' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_exports(__name__, _EXPORTS)
