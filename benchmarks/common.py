@@ -61,7 +61,7 @@ def prepare(
     model, tokenizer = cfsp.load_model(name)
     calib = cfsp.calibration_windows(tokenizer, n=nsamples, length=seqlen, seed=seed)
     forward = forward_pass_seconds(model, calib, batch_size=8) if time_forward else float("nan")
-    stats, cost = pruning_cost(calibrate, model, calib, 8, None, False, second_moments)
+    stats, cost = pruning_cost(calibrate, model, calib, 8, second_moments=second_moments, progress=False)
     return DenseSetup(
         name=name,
         model=model,

@@ -65,7 +65,7 @@ def measure_cost(model_name: str, args) -> dict:
     for _ in range(2):
         times["forward_s"].append(forward_pass_seconds(setup.model, setup.calib, batch_size=8))
         for key, gram in (("calibration_s", False), ("calibration_with_gram_s", True)):
-            _, cost = pruning_cost(calibrate, setup.model, setup.calib, 8, None, False, gram)
+            _, cost = pruning_cost(calibrate, setup.model, setup.calib, 8, second_moments=gram, progress=False)
             times[key].append(cost["seconds"])
     row = {key: statistics.median(values) for key, values in times.items()}
     row["calibration_over_forward"] = row["calibration_s"] / row["forward_s"]
@@ -106,7 +106,7 @@ def main() -> None:
                 model_name, args.nsamples, args.seqlen, seed=seed, time_forward=first, second_moments=True
             )
             if first:
-                _, plain = pruning_cost(calibrate, setup.model, setup.calib, 8, None, False)
+                _, plain = pruning_cost(calibrate, setup.model, setup.calib, 8, progress=False)
                 cost = dict(
                     forward_s=setup.forward_seconds,
                     calibration_s=plain["seconds"],
