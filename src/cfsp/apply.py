@@ -121,8 +121,10 @@ class PruneBlocks(BlockStep):
         self.surgery, self.records = surgery, records
 
     def finish(self, run: BlockRun) -> bool | list[torch.Tensor]:
-        changed = self.surgery.prune_block(run.index, run.block, self.records[run.index])
-        self.records[run.index].mlp = None  # the recorded activations go with the block
+        record = self.records[run.index]
+        changed = self.surgery.prune_block(run.index, run.block, record)
+        record.mlp = None  # the recorded activations and second moments go with the block
+        record.drop_second_moments()
         return changed
 
 
