@@ -17,7 +17,7 @@ from real_models import DEFAULT_CONFIGS, REAL_CONFIGS, gemma4_small_config, make
 
 import cfsp
 from cfsp import layouts
-from cfsp.streaming import prune_directory
+from cfsp.streaming import load_whole, prune_directory
 
 pytestmark = pytest.mark.families
 FAMILIES = REAL_CONFIGS + DEFAULT_CONFIGS
@@ -54,6 +54,8 @@ def check_family(name: str, root: Path, calib: torch.Tensor) -> dict:
     model, tokenizer = cfsp.load_model(source, device="cpu")
     x = calib[:2, :40]
     found = {"mlp": layouts.mlp_layout(model.model.layers[0].mlp).kind, "model_type": model.config.model_type}
+    whole, want = load_whole(source, device="cpu").state_dict(), model.state_dict()  # --no-stream's loader
+    found["loaded_whole"] = whole.keys() == want.keys() and all(torch.equal(whole[k], want[k]) for k in want)
     result = cfsp.prune(model, calib, 0.5, multiple=32, progress=False)
     with torch.no_grad():
         logits = model(x).logits
@@ -135,6 +137,7 @@ def test_family_prunes_streams_saves_and_loads(name, checked):
     assert found["pruned"]
     assert found["streamed"], "streamed pruning differs from in-memory pruning"
     assert found["reload"], "cfsp.load_pruned gives different logits"
+    assert found["loaded_whole"], "--no-stream's tensor-by-tensor load differs from from_pretrained"
     assert found["stock_load"], found["stock_error"]
     assert found["eval"]
     assert found["uniform_stock"], "the uniform output is not the stock checkpoint"
