@@ -7,7 +7,9 @@ peak memory against the weights, each case in its own process so that each peak 
 - Qwen2.5-1.5B-Instruct at its full published size (``tests/real_configs``, random float32
   weights saved as a safetensors directory: memory does not depend on the values), 8 x 256
   calibration tokens, cfsp defaults (too few tokens for the refit, so the mean fallback),
-  ``cfsp prune --no-stream`` (loaded whole) and streamed, through the command line.
+  ``cfsp prune --no-stream`` (loaded whole) and streamed, through the command line; the pruning
+  time is the plan's (loading and writing excluded), the forward pass is timed after the
+  ``--no-stream`` run in the same process.
 
 The forward pass is timed in the same process after pruning, on a fresh copy of the dense
 model, in batches of 8 windows (the pass's batch size). Writes ``results/prune_cost.json``.
@@ -82,8 +84,16 @@ args = ["prune", "--model", source, "--out", out, "--nsamples", "8", "--seqlen",
 started = time.perf_counter()
 done = CliRunner().invoke(app, args, catch_exceptions=False)
 assert done.exit_code == 0, done.output
-print(json.dumps(dict(peak_rss_bytes=peak_rss_bytes(), weights_bytes=weights,
-                      seconds=time.perf_counter() - started)))
+row = dict(peak_rss_bytes=peak_rss_bytes(), weights_bytes=weights, command_seconds=time.perf_counter() - started,
+           seconds=json.loads((Path(out) / "pruning_plan.json").read_text())["seconds"])
+if not stream:  # one plain forward pass over the same windows, on the dense model
+    import cfsp
+    from cfsp.models import load_tokenizer
+    from cfsp.speed import forward_pass_seconds
+    from cfsp.streaming import load_whole
+    calib = cfsp.calibration_windows(load_tokenizer(source), n=8, length=256, seed=0)
+    row["forward_seconds"] = forward_pass_seconds(load_whole(source, device="cpu"), calib, batch_size=8)
+print(json.dumps(row))
 """
 
 
@@ -116,6 +126,12 @@ def qwen_rows() -> dict:
             row = child(CLI_CHILD, str(source), str(Path(tmp) / f"out-{stream}"), stream)
             row.update(model="qwen2.5-1.5b-instruct", calibration="8 x 256", mode=f"--{stream}")
             row["peak_over_weights"] = row["peak_rss_bytes"] / row["weights_bytes"]
+            forward = row.get("forward_seconds") or rows.get("qwen2.5-1.5b, --no-stream", {}).get(
+                "forward_seconds"
+            )
+            if forward:
+                row["forward_seconds"] = forward
+                row["cost_in_forward_passes"] = row["seconds"] / forward
             rows[f"qwen2.5-1.5b, --{stream}"] = row
             print(rows[f"qwen2.5-1.5b, --{stream}"], flush=True)
     return rows

@@ -65,7 +65,9 @@ def measure_cost(model_name: str, args) -> dict:
     for _ in range(2):
         times["forward_s"].append(forward_pass_seconds(setup.model, setup.calib, batch_size=8))
         for key, gram in (("calibration_s", False), ("calibration_with_gram_s", True)):
-            _, cost = pruning_cost(calibrate, setup.model, setup.calib, 8, second_moments=gram, progress=False)
+            _, cost = pruning_cost(
+                calibrate, setup.model, setup.calib, 8, second_moments=gram, progress=False
+            )
             times[key].append(cost["seconds"])
     row = {key: statistics.median(values) for key, values in times.items()}
     row["calibration_over_forward"] = row["calibration_s"] / row["forward_s"]
