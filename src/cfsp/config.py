@@ -49,6 +49,10 @@ SECOND_MOMENTS = ("auto", "hold", "second-pass")
 # temperature N*L/1e4 on per-token means; 13.1072 is the reference default N=128, L=1024.
 DEFAULT_TEMPERATURE = 128 * 1024 / 1e4
 DEFAULT_DAMPING = 1e-4  # benchmarks/refit.py: 1e-5 and 1e-4 best, 1e-1 worse than no refit
+# second_moments="auto" holds the Gram matrices if they take at most this share of the weights
+# (benchmarks/prune_cost.py: SmolLM2's take 0.26 of its weights; held, the prune peaked lower than
+# with the second pass and took 1.21 forward passes instead of 1.75).
+HOLD_SHARE_OF_WEIGHTS = 1 / 3
 
 # What the reference implementation does where cfsp's defaults differ (docs/method.md); applied
 # to every option the caller left unset.
@@ -256,8 +260,8 @@ class PruneConfig:
     )
     max_memory: float | None = option(
         None,
-        "GiB the held Gram matrices may take (auto): default a quarter of the model's weights, and never "
-        "when streaming.",
+        "GiB the held Gram matrices may take (auto): without it, a third of the model's weights, and "
+        "never when streaming.",
     )
     reconstruct: ReconstructConfig = option(ReconstructConfig, "Options of --compensation reconstruct.")
     attention: AttentionCutConfig = option(AttentionCutConfig, "Attention sublayer and KV-group cuts.")

@@ -28,7 +28,7 @@ from cfsp.attention import (
 )
 from cfsp.calibration import BlockRun, BlockStep, InMemoryBlocks, run_blocks
 from cfsp.compensation import refit_or_mean
-from cfsp.config import PruneConfig
+from cfsp.config import HOLD_SHARE_OF_WEIGHTS, PruneConfig
 from cfsp.errors import CfspError
 from cfsp.layouts import ATTENTION, HeadShape
 from cfsp.models import block_mlp, check_supported, count_parameters, decoder_blocks, ffn_widths
@@ -38,7 +38,6 @@ from cfsp.statistics import BlockStats, statistic_steps
 
 log = logging.getLogger("cfsp")
 GIB = 2**30
-HOLD_SHARE_OF_WEIGHTS = 1 / 3  # auto: hold the Gram matrices if they take at most this share of the weights
 
 
 class ScoreBlocks(BlockStep):
