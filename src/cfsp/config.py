@@ -460,7 +460,7 @@ def flat_fields(config_class: type = PruneConfig) -> list[tuple[str, Any, str | 
     their flat spelling, as keywords and flags use them."""
     out = []
     for f in fields(config_class):
-        kind = NESTED.get(f.name) if config_class is PruneConfig else None
+        kind = f.default_factory if is_dataclass(f.default_factory) else None  # a nested config
         if kind is not None:
             out += [(kind.FLAG_PREFIX + g.name, g, f.name) for g in fields(kind)]
         else:

@@ -12,12 +12,11 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable, Iterable
-from dataclasses import fields
 from typing import Annotated, Any
 
 import typer
 
-from cfsp.config import PruneConfig, field_default, flat_fields
+from cfsp.config import field_default, flat_fields
 
 _TYPES = {"float": float, "int": int, "str": str, "bool": bool}
 
@@ -56,12 +55,7 @@ def generated_parameters(config_class: type, skip: Iterable[str] = ()) -> list[i
     """One keyword parameter, annotated for typer, per option of ``config_class``."""
     skip = set(skip)
     params = []
-    rows = (
-        flat_fields(config_class)
-        if config_class is PruneConfig
-        else [(f.name, f, None) for f in fields(config_class)]
-    )
-    for name, f, _nested in rows:
+    for name, f, _nested in flat_fields(config_class):
         if name in skip:
             continue
         default = field_default(f)
