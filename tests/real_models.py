@@ -18,9 +18,25 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from cfsp import layouts
+from cfsp.experts import find_moe
 
 CONFIG_DIR = Path(__file__).parent / "real_configs"
-REAL_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+# Mixture-of-experts families (routed experts; tests/test_moe.py): their published config files, and
+# their config classes' defaults where no published file was found.
+MOE_CONFIGS = [  # published config files (real_configs/SOURCES.md)
+    "qwen3-30b-a3b",
+    "qwen2-57b-a14b",
+    "mixtral-8x7b",
+    "gpt-oss-20b",
+    "deepseek-v3",
+    "kimi-k2",
+    "glm-4.5-air",
+    "qwen3-next-80b-a3b",
+    "qwen3.5-moe",
+    "gemma-4-moe",
+]
+MOE_DEFAULT_CONFIGS = ["olmoe", "ernie4_5_moe", "granitemoe", "hunyuan_v1_moe", "minimax"]  # no file found
+REAL_CONFIGS = sorted(p.stem for p in CONFIG_DIR.glob("*.json") if p.stem not in MOE_CONFIGS)  # dense
 # Families that prune today and have no config file here: their config class's defaults.
 DEFAULT_CONFIGS = [
     "ministral",
@@ -41,7 +57,7 @@ HIDDEN, HEADS, HEAD_DIM, FFN, VOCAB = 64, 4, 16, 256, 512
 
 def raw_config(name: str) -> dict:
     """The published config (the text part of a multimodal one), or the config class's defaults."""
-    if name in DEFAULT_CONFIGS:
+    if name in DEFAULT_CONFIGS or not (CONFIG_DIR / f"{name}.json").is_file():
         return AutoConfig.for_model(name).to_dict()
     config = json.loads((CONFIG_DIR / f"{name}.json").read_text())
     return dict(config["text_config"]) if "text_config" in config else config
@@ -126,7 +142,8 @@ def shrunk_config(name: str, vocab: int = VOCAB, heads: int = HEADS):
         config["vocab_size_per_layer_input"] = vocab
     _shrink_rope(config, config.get("head_dim") or HIDDEN // heads)
     _remap_ids(config, vocab)
-    return AutoConfig.for_model(config.pop("model_type"), **config)
+    model_type = config.pop("model_type")
+    return AutoConfig.for_model(SAME_CLASS.get(model_type, model_type), **config)
 
 
 def _shrink_rope(config: dict, head_dim: int) -> None:
@@ -167,4 +184,70 @@ def make_real_model(name: str, seed: int = 0, vocab: int = VOCAB, heads: int = H
         for block in layouts.decoder_layers(model):
             for weight in layouts.input_weights(block.mlp)[-1:]:  # the up rows (a view of a fused matrix)
                 weight.mul_(torch.rand(weight.shape[0], 1) * 2 + 0.1)
+    return model.eval()
+
+
+# Mixture-of-experts sizes: routed experts shrink to 16 (four per group under group-limited routing,
+# at least twice top-k); top-k, groups, shared experts, dense prefixes and every id stay as published.
+# Published configs whose model type transformers builds under its own class's name.
+SAME_CLASS = {"kimi_k2": "deepseek_v3"}  # Kimi-K2 ships DeepseekV3ForCausalLM as remote code
+MOE_WIDTH, MOE_EXPERTS = 32, 16
+_EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+_EXPERT_WIDTHS = ("moe_intermediate_size", "shared_expert_intermediate_size")
+
+
+def shrunk_moe_config(name: str, vocab: int = VOCAB):
+    """The MoE family's config shrunk in sizes: ``shrunk_config`` plus expert widths and counts."""
+    config = shrunk_config(name, vocab)
+    groups = getattr(config, "n_group", None) or 1
+    for key in _EXPERT_COUNTS:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > MOE_EXPERTS:
+            setattr(config, key, 4 * groups if groups > 1 else MOE_EXPERTS)
+    for key in _EXPERT_WIDTHS:
+        if isinstance(getattr(config, key, None), int | list):
+            setattr(config, key, MOE_WIDTH)
+    top_k = getattr(config, "num_experts_per_tok", None) or 0
+    top_k = top_k or getattr(config, "top_k_experts", None) or getattr(config, "moe_topk", None) or 1
+    for key in _EXPERT_COUNTS:  # at least 8, and enough that half of them still cover top-k
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value < max(8, 2 * top_k):
+            setattr(config, key, max(8, 2 * top_k))
+    if getattr(config, "kv_lora_rank", None):  # multi-head latent attention (DeepSeek-V3, Kimi-K2)
+        for key, size in (
+            ("qk_rope_head_dim", 16),
+            ("qk_nope_head_dim", 16),
+            ("v_head_dim", 16),
+            ("head_dim", 16),
+        ):
+            if hasattr(config, key):
+                setattr(config, key, size)
+        if getattr(config, "q_lora_rank", None):
+            config.q_lora_rank = 32
+    types = getattr(config, "layer_types", None) or []
+    if "linear_attention" in types and "full_attention" not in types:  # hybrids: one full-attention layer
+        interval = raw_config(name).get("full_attention_interval", 4)
+        config.num_hidden_layers = interval
+        config.layer_types = ["linear_attention"] * (interval - 1) + ["full_attention"]
+    dense_prefix = getattr(config, "first_k_dense_replace", None) or 0
+    if dense_prefix:  # one dense block, then MoE blocks
+        config.first_k_dense_replace = 1
+        config.num_hidden_layers = max(config.num_hidden_layers, 3)
+    return config
+
+
+def make_moe_model(name: str, seed: int = 0, vocab: int = VOCAB) -> torch.nn.Module:
+    """A random float32 MoE model of the family; routers spread so that routing is uneven."""
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(shrunk_moe_config(name, vocab), dtype=torch.float32)
+    with torch.no_grad():
+        for block in layouts.decoder_layers(model):
+            moe = find_moe(block)
+            if moe is None:
+                continue
+            for param in moe.router.parameters():
+                if param.dim() == 2 and param.shape[0] == moe.count:
+                    param.normal_(0, 0.5)
+            for param in moe.experts.parameters(recurse=False):  # experts of different sizes
+                param.mul_(torch.rand(moe.count, *[1] * (param.dim() - 1)) * 2 + 0.1)
     return model.eval()

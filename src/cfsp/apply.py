@@ -27,6 +27,7 @@ from cfsp.compensation import Compensation, compensate, refit_out_projection
 from cfsp.errors import CfspError
 from cfsp.memory import return_freed_memory
 from cfsp.models import block_mlp, count_parameters, decoder_blocks
+from cfsp.moe import apply_experts
 from cfsp.plan import Plan
 from cfsp.reconstruction import block_outputs_after, reconstruct_mlp
 from cfsp.scoring import block_scores
@@ -160,6 +161,8 @@ def apply(
     when it holds the Gram matrices, and by the mean bias); without them, a compensation that needs
     activations runs a second pass over ``calib``."""
     placement = placement or InMemoryBlocks()
+    if plan.kept_experts is not None:
+        return apply_experts(model, plan, placement)
     config = plan.config
     surgery = BlockSurgery(model, plan, keep_statistics, progress)
     blocks = decoder_blocks(model)

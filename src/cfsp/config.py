@@ -34,6 +34,7 @@ CHANNEL_METRICS = (  # cfsp.scoring.CHANNEL_METRICS
 )
 WEIGHT_ONLY_METRICS = ("mag_base",)  # channel metrics that read no activations
 KV_GROUP_METRICS = ("refit", "energy")  # cfsp.scoring.KV_GROUP_METRICS
+EXPERT_METRICS = ("reap", "frequency", "gate_mass", "random")  # cfsp.scoring.EXPERT_METRICS
 COMPENSATIONS = ("none", "mean", "refit", "reconstruct")  # cfsp.compensation; reconstruct: after the refit
 ROUNDINGS = ("budget", "nearest", "reference")  # cfsp.allocation; reference: half-up
 PRESETS = ("default", "reference")
@@ -208,7 +209,21 @@ NESTED = {"reconstruct": ReconstructConfig, "attention": AttentionCutConfig}
 class PruneConfig:
     """How to prune: validated and completed on creation, so a bad value fails before any work."""
 
-    sparsity: float = option(0.5, "Fraction of FFN channels to remove, in (0, 1).")
+    sparsity: float | None = option(
+        None,
+        "Fraction of FFN channels to remove, in (0, 1) (default 0.5; 0 with --expert-sparsity alone).",
+    )
+    expert_sparsity: float = option(
+        0.0,
+        "Fraction of the routed experts of every mixture-of-experts block to remove (0.5 removes half); "
+        "the router loses their rows and the output stays the family's stock checkpoint.",
+    )
+    expert_metric: str = option(
+        "reap",
+        "Which routed experts stay: reap (routing weight x output norm over the tokens routed to the "
+        "expert), frequency (how often routed), gate_mass (summed routing weight), random (a control).",
+        choices=EXPERT_METRICS,
+    )
     method: str = option("cfsp", "The pruning method (cfsp.methods).", choices=tuple(METHODS))
     preset: str = option(
         "default", "default, or reference: the reference implementation's numerics.", choices=PRESETS
@@ -281,6 +296,8 @@ class PruneConfig:
     offload_activations: bool = option(False, "Keep calibration activations on the CPU between blocks.")
 
     def __post_init__(self) -> None:
+        if self.sparsity is None:  # FFN channels stay when only experts are asked for
+            self.sparsity = 0.0 if self.expert_sparsity else 0.5
         for name, kind in NESTED.items():  # a nested config may come as its dict (a plan, to_dict)
             value = getattr(self, name)
             if isinstance(value, dict):
@@ -318,7 +335,14 @@ class PruneConfig:
             _check_number("", name + (f" ({alias})" if alias else ""), getattr(self, name))
         _check_number("", "refit_damping", self.refit_damping, low=0)
         _check_number("", "temperature", self.temperature, low=0)
-        if not 0.0 < float(self.sparsity) < 1.0:
+        _check_number("", "expert_sparsity", self.expert_sparsity)
+        if not 0.0 <= float(self.expert_sparsity) < 1.0:
+            raise CfspError(
+                f"expert_sparsity must be in [0, 1), got {self.expert_sparsity}; e.g. 0.5 removes half the "
+                "routed experts of every mixture-of-experts block"
+            )
+        low = 0.0 if self.expert_sparsity else None  # channels may stay when experts go
+        if not ((low is not None and float(self.sparsity) == low) or 0.0 < float(self.sparsity) < 1.0):
             raise CfspError(
                 f"sparsity must be in (0, 1), got {self.sparsity}; e.g. 0.5 removes half the FFN channels"
             )

@@ -32,6 +32,7 @@ from cfsp.config import HOLD_SHARE_OF_WEIGHTS, PruneConfig
 from cfsp.errors import CfspError
 from cfsp.layouts import ATTENTION, HeadShape
 from cfsp.models import block_mlp, check_supported, count_parameters, decoder_blocks, ffn_widths
+from cfsp.moe import check_expert_cut, decide_experts
 from cfsp.plan import Plan
 from cfsp.scoring import block_importance, block_scores, kv_group_scores, sublayer_importance
 from cfsp.statistics import BlockStats, statistic_steps
@@ -74,6 +75,7 @@ class ScoreBlocks(BlockStep):
 def check_model(model: nn.Module, config: PruneConfig, placement: InMemoryBlocks) -> None:
     """What the model must be for this config, checked before any work."""
     check_supported(model)
+    check_expert_cut(model, config)
     if not placement.streams and any(p.is_meta for p in model.parameters()):
         raise CfspError(
             "some weights are offloaded (device_map with cpu/disk offload leaves them on the meta device) "
@@ -135,6 +137,10 @@ def decide(
     if config.sequential and calib is None:
         raise CfspError("sequential pruning needs calibration windows (pass calib / --calib-source)")
     check_model(model, config, placement)
+    if config.expert_sparsity:
+        return decide_experts(
+            model, calib, config, placement=placement, progress=progress, calibration=calibration
+        )
     if config.needs_calibration and calib is None and stats is None:
         raise CfspError(f"method {config.method!r} needs calibration windows (pass calib / --calib-source)")
     blocks = decoder_blocks(model)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cfsp import layouts, pruned_modeling
+from cfsp import experts, layouts, pruned_modeling
 from cfsp.errors import CfspError
 from cfsp.outdir import PLAN_FILE
 from cfsp.plan import read_plan
@@ -159,8 +159,9 @@ def load_pruned(
         raise CfspError(
             f"model class {plan['architecture']} is not available in transformers {transformers.__version__}"
         )
+    stock = plan.get("kept_experts") is not None  # experts alone removed: the family's own class
     with loading_errors(path):
-        model = pruned_modeling.pruned_class(base).from_pretrained(path, dtype=dtype)
+        model = (base if stock else pruned_modeling.pruned_class(base)).from_pretrained(path, dtype=dtype)
     check_supported(model)
     if ffn_widths(model) != plan["widths"]:
         raise CfspError(
@@ -255,24 +256,42 @@ def check_supported(model: nn.Module) -> None:
             f"unsupported architecture {arch!r}: cfsp prunes decoders whose blocks sit at model.layers "
             f"and have a {SUPPORTED_MLPS}, as Llama, Qwen, Mistral, Gemma, Phi-3, GLM-4, OLMo, Starcoder2"
         )
-    for block in blocks:
-        if any("expert" in name.lower() for name, _ in block.named_children()) or any(
-            "expert" in name.lower() for name, _ in getattr(block, "mlp", nn.Module()).named_children()
-        ):
+    for index, block in enumerate(blocks):
+        if experts.find_moe(block) is not None:
+            continue  # routed experts (Gemma 4's blocks have a dense MLP beside them)
+        if experts.has_experts_module(block):
             raise CfspError(
-                f"unsupported architecture {arch!r}: mixture-of-experts blocks are not supported; cfsp "
-                f"prunes dense decoders with a {SUPPORTED_MLPS}"
+                f"unsupported architecture {arch!r}: block {index} has experts that cfsp cannot find (it "
+                f"prunes the mixture-of-experts families with stacked expert tensors and a router: "
+                f"{experts.MOE_FAMILIES})"
             )
-        if layouts.find_layout(getattr(block, "mlp", None)) is None:
-            raise CfspError(
-                f"unsupported architecture {arch!r}: its blocks have no {SUPPORTED_MLPS} "
-                f"({', '.join('/'.join(layout.names) for layout in layouts.MLP_LAYOUTS)})"
-            )
+        if layouts.find_layout(getattr(block, "mlp", None)) is not None:
+            continue
+        raise CfspError(
+            f"unsupported architecture {arch!r}: its blocks have no {SUPPORTED_MLPS} "
+            f"({', '.join('/'.join(layout.names) for layout in layouts.MLP_LAYOUTS)})"
+        )
+
+
+def block_width(block: nn.Module) -> int:
+    """A block's FFN (intermediate) width: its dense MLP's, or else its routed experts'."""
+    if layouts.find_layout(getattr(block, "mlp", None)) is not None:
+        return layouts.mlp_width(block_mlp(block))
+    return experts.find_moe(block).width
 
 
 def ffn_widths(model: nn.Module) -> list[int]:
     """Current FFN (intermediate) width of every block."""
-    return [layouts.mlp_width(block_mlp(b)) for b in decoder_blocks(model)]
+    return [block_width(b) for b in decoder_blocks(model)]
+
+
+def active_parameters(model: nn.Module) -> int:
+    """Parameters one token runs through: all, less the routed experts it is not routed to."""
+    idle = 0
+    for moe in experts.moe_blocks(decoder_blocks(model)):
+        if moe is not None:
+            idle += (moe.count - (moe.top_k or moe.count)) * moe.parameters_per_expert
+    return count_parameters(model) - idle
 
 
 def count_parameters(model: nn.Module) -> int:

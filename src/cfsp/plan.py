@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import torch
 
 # Keys of a plan file that are lists of index tensors in a ``Plan``.
-_INDEX_LISTS = ("kept_channels", "kept_kv_groups", "down_biases")
+_INDEX_LISTS = ("kept_channels", "kept_kv_groups", "down_biases", "kept_experts")
 
 
 @dataclass
@@ -47,12 +47,19 @@ class Plan:
     compensation_rule: str | None = (
         None  # what the surgery applies: none, mean or refit (also under reconstruct)
     )
+    # Mixture-of-experts blocks (None for a dense model; per block, None for a dense block):
+    original_experts: list[int | None] | None = None  # routed experts before
+    kept_experts: list[torch.Tensor | None] | None = None  # the routed experts kept, ascending
+    expert_scores: list[list[float] | None] | None = None  # each expert's score (expert_metric)
+    unrouted_experts: list[int | None] | None = None  # experts the calibration never routed to
     # Filled by apply:
     down_biases: list[torch.Tensor] | None = None  # bias compensation added to down_proj, per block
     reconstruction: list[dict] | None = None  # per reconstructed block: its error before and after
     second_moments: str | None = None  # the refit's Gram matrices: "held" (one pass) or "second pass"
     params_before: int = 0
     params_after: int = 0
+    active_params_before: int = 0  # what one token runs through (all but the routed experts it skips)
+    active_params_after: int = 0
     seconds: float = 0.0
     extra: dict[str, Any] = field(
         default_factory=dict
@@ -69,6 +76,26 @@ class Plan:
     @property
     def target_sparsity(self) -> float:
         return float(self.config.sparsity)
+
+    @property
+    def stock_output(self) -> bool:
+        """Whether the pruned model is the family's stock class (one width, or experts alone removed)."""
+        if self.config.uniform:
+            return True
+        return (
+            self.kept_experts is not None
+            and self.widths == self.original_widths
+            and not self.dropped_attention
+            and self.kept_kv_groups is None
+        )
+
+    @property
+    def experts_before(self) -> int:
+        return sum(n for n in self.original_experts or [] if n is not None)
+
+    @property
+    def experts_after(self) -> int:
+        return sum(k.numel() for k in self.kept_experts or [] if k is not None)
 
     @property
     def realised_sparsity(self) -> float:
@@ -111,6 +138,10 @@ class Plan:
         if typed.get("kept_kv_groups") is not None:
             typed["kept_kv_groups"] = [
                 None if g is None else torch.tensor(g, dtype=torch.long) for g in typed["kept_kv_groups"]
+            ]
+        if typed.get("kept_experts") is not None:
+            typed["kept_experts"] = [
+                None if k is None else torch.tensor(k, dtype=torch.long) for k in typed["kept_experts"]
             ]
         if typed.get("down_biases") is not None:
             typed["down_biases"] = [torch.tensor(b, dtype=torch.float64) for b in typed["down_biases"]]
@@ -178,6 +209,21 @@ def check_plan(plan, where: str | os.PathLike = PLAN_FILE) -> None:
                 raise bad(
                     f"block {block}: kept_kv_groups must be distinct, ascending and as many in every block"
                 )
+    experts, counts = plan.get("kept_experts"), plan.get("original_experts")
+    if experts is not None:
+        if (
+            not isinstance(experts, list)
+            or not isinstance(counts, list)
+            or not len(experts) == len(counts) == len(widths)
+        ):
+            raise bad("kept_experts and original_experts must have one entry per block")
+        for block, (kept, count) in enumerate(zip(experts, counts, strict=True)):
+            if kept is None and count is None:
+                continue
+            if not (_is_int(count) and isinstance(kept, list) and kept and all(map(_is_int, kept))):
+                raise bad(f"block {block}: kept_experts must be expert indices and original_experts a count")
+            if kept != sorted(set(kept)) or kept[0] < 0 or kept[-1] >= count:
+                raise bad(f"block {block}: kept_experts must be distinct, ascending and below {count}")
     biases = plan.get("down_biases")
     if biases is not None:
         if not isinstance(biases, list) or len(biases) != len(widths):

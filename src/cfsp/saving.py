@@ -90,11 +90,11 @@ def write_pruned_metadata(model: nn.Module, tokenizer, result: Plan | dict, fold
         model.config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
-    uniform = bool(plan.get("options", {}).get("uniform", False))
+    stock = result.stock_output if isinstance(result, Plan) else Plan.from_dict(plan).stock_output
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["architectures"] = [base_class]
-    if not uniform:  # per-block widths need the modeling file; a uniform output is the stock model
+    if not stock:  # per-block widths need the modeling file; a uniform output is the stock model
         (folder / MODELING_FILE).write_text(modeling_source(base_class), encoding="utf-8")
         (folder / LAYOUTS_FILE).write_text(
             Path(layouts.__file__).read_text(encoding="utf-8"), encoding="utf-8"
@@ -111,6 +111,9 @@ def apply_plan(model: nn.Module, plan: Plan | dict | str | os.PathLike) -> nn.Mo
         plan = Plan.from_dict(plan)
     elif not isinstance(plan, Plan):
         plan = Plan.load(plan)
+    if plan.kept_experts is not None:  # routed experts removed, nothing computed from calibration data
+        apply(model, copy.copy(plan), progress=False)
+        return model
     if plan.config.compensation in ("refit", "reconstruct"):
         raise CfspError(
             "this plan refit or trained the MLPs on calibration data, which the plan does not hold; "

@@ -18,7 +18,7 @@ from cfsp import layouts
 from cfsp.compensation import refit_weight
 from cfsp.errors import CfspError
 from cfsp.models import statistics_device
-from cfsp.statistics import BlockStats
+from cfsp.statistics import BlockStats, ExpertStats
 
 # ---------------------------------------------------------------------------------------------
 # Block (coarse) metrics: mean over calibration tokens.
@@ -262,11 +262,59 @@ CHANNEL_METRICS: dict[str, Callable[[ChannelInputs], torch.Tensor]] = {
     "flap": flap,
 }
 
+# ---------------------------------------------------------------------------------------------
+# Expert metrics: one score per routed expert of a mixture-of-experts block (higher = keep). An
+# expert the calibration never routed to scores 0, below every routed one.
+
+
+def reap(s: ExpertStats, index: int) -> torch.Tensor:
+    """REAP: the mean, over the tokens routed to the expert, of its routing weight times the norm
+    of its output; what removing the expert takes out of those tokens' block output."""
+    return s.saliency_sum / s.routed.clamp_min(1)
+
+
+def frequency(s: ExpertStats, index: int) -> torch.Tensor:
+    """How often the router chose the expert."""
+    return s.routed.clone()
+
+
+def gate_mass(s: ExpertStats, index: int) -> torch.Tensor:
+    """The summed routing weight the expert received."""
+    return s.gate_mass.clone()
+
+
+def random_experts(s: ExpertStats, index: int) -> torch.Tensor:
+    """A control: a fixed random order per block (seeded by the block index)."""
+    generator = torch.Generator().manual_seed(index)
+    return torch.rand(s.routed.numel(), generator=generator, dtype=torch.float64).to(s.routed.device)
+
+
+EXPERT_METRICS: dict[str, Callable[[ExpertStats, int], torch.Tensor]] = {
+    "reap": reap,
+    "frequency": frequency,
+    "gate_mass": gate_mass,
+    "random": random_experts,
+}
+
+
+def expert_scores(metric: str, stats: ExpertStats, index: int) -> torch.Tensor:
+    """Score every routed expert of block ``index`` (float64, higher = more important)."""
+    if metric not in EXPERT_METRICS:
+        raise CfspError(f"unknown expert metric {metric!r}; choose one of {', '.join(EXPERT_METRICS)}")
+    scores = EXPERT_METRICS[metric](stats, index)
+    if not torch.isfinite(scores).all():
+        raise CfspError(
+            f"NaN or inf in the expert scores of block {index}; load the model in float32 or bfloat16"
+        )
+    return scores
+
+
 # The config lists every registered name without importing this module (cfsp.config).
 for _table, _listed in (
     (BLOCK_METRICS, names.BLOCK_METRICS),
     (CHANNEL_METRICS, names.CHANNEL_METRICS),
     (KV_GROUP_METRICS, names.KV_GROUP_METRICS),
+    (EXPERT_METRICS, names.EXPERT_METRICS),
 ):
     if tuple(_table) != _listed:
         raise ImportError(

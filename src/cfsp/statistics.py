@@ -8,7 +8,9 @@ of a pass) and frees what it held for the block when the block is done:
 - ``MlpChannels``: per-channel sums of down_proj's input (the fine, channel-level scores), and
   optionally its Gram matrix (the refit);
 - ``HeadChannels``: the same of o_proj's input (KV-group scores and the o_proj refit);
-- ``MlpRecorder``: the MLP's inputs and outputs per batch (reconstruction).
+- ``MlpRecorder``: the MLP's inputs and outputs per batch (reconstruction);
+- ``ExpertRouting``: what the router of a mixture-of-experts block did, per routed expert
+  (how often it chose each expert, with what weight, and how large each expert's output was).
 
 ``calibrate`` runs the pass with the statistic steps every pruning method reads.
 """
@@ -24,6 +26,7 @@ from torch import nn
 from cfsp import layouts
 from cfsp.calibration import BlockRun, BlockStep, InMemoryBlocks, run_blocks
 from cfsp.errors import CfspError
+from cfsp.experts import find_moe
 from cfsp.models import block_mlp, decoder_blocks, statistics_device
 
 
@@ -55,6 +58,7 @@ class BlockStats:
     packed_gram: torch.Tensor | None = None  # its upper triangle, row by row, in float32, once summed
     mlp: MlpRecord | None = None  # the MLP's inputs and outputs, only while the block is being pruned
     heads: BlockStats | None = None  # the same channel statistics of o_proj's input (one per head dim)
+    experts: ExpertStats | None = None  # the routing statistics of a mixture-of-experts block
 
     @property
     def gram(self) -> torch.Tensor | None:
@@ -206,6 +210,67 @@ class MlpRecord:
     first_call: tuple[torch.Tensor, tuple[tuple, dict]] | None = None  # the block's first batch and call
 
 
+@dataclass
+class ExpertStats:
+    """What the router did with one MoE block's calibration tokens, per routed expert, in float64.
+
+    A token routed to ``k`` experts counts once for each. ``saliency_sum`` is the sum, over the
+    tokens routed to an expert, of the routing weight times the L2 norm of the expert's own
+    (unweighted) output: REAP's saliency is its mean over those tokens.
+    """
+
+    routed: torch.Tensor  # [E] tokens routed to each expert
+    gate_mass: torch.Tensor  # [E] sum of the routing weights it received
+    saliency_sum: torch.Tensor  # [E] sum of routing weight x ||expert output||
+    tokens: int = 0  # tokens that reached the router
+
+    @classmethod
+    def empty(cls, count: int, device: torch.device) -> ExpertStats:
+        zeros = torch.zeros(count, dtype=torch.float64, device=device)
+        return cls(zeros.clone(), zeros.clone(), zeros.clone())
+
+    @property
+    def unrouted(self) -> int:
+        """Experts the calibration never routed a token to."""
+        return int((self.routed == 0).sum())
+
+    def add(
+        self, experts: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor
+    ) -> None:
+        """One batch: ``hidden`` [T, H] as the experts received it, ``index`` [T, k] the chosen experts,
+        ``weights`` [T, k] (or [T, E]) their routing weights. Each expert's unweighted output comes
+        from the experts module itself (one extra evaluation per routed slot, in chunks), so every
+        family's activation, clamp and bias count as the model computes them."""
+        count = self.routed.numel()
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        index = index.reshape(hidden.shape[0], -1)
+        if weights.shape[-1] == count and index.shape[-1] != count:
+            weights = weights.reshape(hidden.shape[0], -1).gather(1, index)
+        weights = weights.reshape(index.shape)
+        self.tokens += hidden.shape[0]
+        slots = torch.arange(hidden.shape[0], device=index.device).repeat_interleave(index.shape[1])
+        chosen, weight = index.reshape(-1), weights.reshape(-1)
+        valid = (chosen >= 0) & (chosen < count)  # some kernels mark dropped slots with E
+        slots, chosen, weight = slots[valid], chosen[valid], weight[valid]
+        device = self.routed.device
+        where = chosen.to(device)
+        self.routed.index_add_(0, where, torch.ones_like(where, dtype=torch.float64))
+        self.gate_mass.index_add_(0, where, weight.to(device, torch.float64))
+        step = max(1, EXPERT_ROWS_PER_CHUNK)
+        for start in range(0, chosen.numel(), step):
+            rows = slots[start : start + step]
+            ids = chosen[start : start + step]
+            ones = torch.ones(ids.numel(), 1, dtype=weights.dtype, device=weights.device)
+            out = experts(hidden[rows], ids.view(-1, 1), ones)
+            norms = out.to(torch.float64).norm(dim=-1)
+            self.saliency_sum.index_add_(
+                0, ids.to(device), (norms * weight[start : start + step].to(torch.float64)).to(device)
+            )
+
+
+EXPERT_ROWS_PER_CHUNK = 8192  # routed slots evaluated at once for the expert output norms
+
+
 # ---------------------------------------------------------------------------------------------
 # The steps.
 
@@ -330,6 +395,36 @@ class MlpRecorder(BlockStep):
             outputs.append(out if store is None else out.to(store))
 
         return block_mlp(run.block).register_forward_hook(hook)
+
+
+class ExpertRouting(BlockStep):
+    """Routing statistics of each mixture-of-experts block (``ExpertStats``), from the experts
+    module's own inputs: the tokens, the experts the router chose and their weights."""
+
+    def __init__(self, records: list[BlockStats]) -> None:
+        self.records = records
+
+    def start(self, run: BlockRun) -> None:
+        moe = find_moe(run.block)
+        if moe is None:
+            return
+        record = self.records[run.index]
+        record.experts = ExpertStats.empty(moe.count, statistics_device(moe.experts.down_proj.device))
+        busy = False
+
+        def hook(module, args, kwargs, _out):
+            nonlocal busy
+            if busy:  # the step's own calls of the experts module
+                return
+            hidden, index, weights = [*args, *kwargs.values()][:3]
+            busy = True
+            try:
+                with torch.no_grad():
+                    record.experts.add(module, hidden, index, weights)
+            finally:
+                busy = False
+
+        run.hooks.append(moe.experts.register_forward_hook(hook, with_kwargs=True))
 
 
 def statistic_steps(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated
 
@@ -56,9 +57,10 @@ def prune(
     overwrite: OverwriteOption = False,
     options: dict | None = None,
 ) -> None:
-    """Prune a model's FFN channels and save a smaller dense model."""
+    """Prune a model's FFN channels (or a mixture-of-experts model's routed experts) and save it."""
     import cfsp
     from cfsp.data import check_windows, describe_windows, text_source_path
+    from cfsp.experts import config_has_experts
     from cfsp.memory import pruning_cost
     from cfsp.models import load_tokenizer, resolve_device, resolve_dtype
     from cfsp.outdir import StagedOutput
@@ -73,7 +75,14 @@ def prune(
     if config.needs_calibration:
         check_windows(nsamples, seqlen)
         text_source_path(calib_source, data_dir)
-    streamed = stream and is_streamable(model)
+    routed = is_streamable(model) and config_has_experts(
+        json.loads((Path(model) / "config.json").read_text())
+    )
+    if routed and stream:
+        console.print(
+            "a mixture-of-experts directory: loading it whole (streaming block by block is for dense models)"
+        )
+    streamed = stream and is_streamable(model) and not routed
     if streamed:
         check_streamable(Path(model))
         if config.attention.drop_attention == "auto":
@@ -87,7 +96,7 @@ def prune(
             net, tokenizer = None, load_tokenizer(model)
         else:
             console.print(f"loading [bold]{model}[/] ...")
-            if is_streamable(model):  # each tensor its own storage: what pruning removes is freed
+            if is_streamable(model) and not routed:  # each tensor its own storage: pruning frees it
                 net, tokenizer = load_whole(model, device=device, dtype=dtype), load_tokenizer(model)
             else:
                 net, tokenizer = cfsp.load_model(model, dtype=dtype, device=device)
@@ -115,7 +124,12 @@ def prune(
         if not streamed:
             write_pruned(net, tokenizer, result, folder)
     console.print(f"saved to [bold]{out}[/]")
-    if config.uniform:
+    if result.kept_experts is not None:
+        console.print(
+            f"every mixture-of-experts block keeps {result.experts_after // max(1, sum(k is not None for k in result.kept_experts))} "
+            "routed experts: a stock checkpoint, loads with AutoModelForCausalLM.from_pretrained"
+        )
+    elif config.uniform:
         console.print(
             f"every block keeps {result.widths[0]} channels (FFN sparsity {result.realised_sparsity:.3f}): "
             "a stock checkpoint, loads with AutoModelForCausalLM.from_pretrained without trust_remote_code"

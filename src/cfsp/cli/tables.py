@@ -11,6 +11,8 @@ def summary_table(result: Plan) -> Table:
     """Per-block importance, keep fraction and width, as decided by ``prune``. When the run drops
     attention sublayers (or searched for a count), also how far each sublayer turns the residual
     stream and which were dropped; otherwise those columns would only crowd an 80-column terminal."""
+    if result.kept_experts is not None:
+        return expert_table(result)
     table = Table(title=f"{result.method}: per-block FFN widths", show_lines=False)
     reconstructed = {r["block"]: r for r in result.reconstruction or []}
     sublayers = result.attention_importance is not None and bool(
@@ -40,6 +42,21 @@ def summary_table(result: Plan) -> Table:
     return table
 
 
+def expert_table(result: Plan) -> Table:
+    """Per block of a mixture-of-experts model: importance, routed experts kept, and how many of
+    them the calibration never routed to."""
+    table = Table(title=f"{result.config.expert_metric}: routed experts per block")
+    for column in ("block", "importance", "experts kept", "of", "never routed"):
+        table.add_column(column, justify="right")
+    importance = result.block_importance or [None] * len(result.widths)
+    for i, (imp, kept, count, unrouted) in enumerate(
+        zip(importance, result.kept_experts, result.original_experts, result.unrouted_experts, strict=True)
+    ):
+        cells = ["-", "dense", "-"] if kept is None else [str(kept.numel()), str(count), str(unrouted)]
+        table.add_row(str(i), "-" if imp is None else f"{imp:.4f}", *cells)
+    return table
+
+
 def _reconstruction_cell(report: dict | None) -> str:
     """Relative error on the held-out windows (else the training ones): refit -> reconstructed."""
     if report is None:
@@ -51,8 +68,15 @@ def _reconstruction_cell(report: dict | None) -> str:
 
 def totals_table(result: Plan, cost: dict | None = None) -> Table:
     table = Table(show_header=False, box=None)
-    table.add_row("target FFN sparsity", f"{result.target_sparsity:.3f}")
-    table.add_row("realised FFN sparsity", f"{result.realised_sparsity:.3f}")
+    if result.kept_experts is not None:
+        table.add_row(
+            "routed experts",
+            f"{result.experts_after} of {result.experts_before} kept "
+            f"(expert sparsity {1 - result.experts_after / result.experts_before:.3f})",
+        )
+    else:
+        table.add_row("target FFN sparsity", f"{result.target_sparsity:.3f}")
+        table.add_row("realised FFN sparsity", f"{result.realised_sparsity:.3f}")
     if result.dropped_attention:
         blocks = ", ".join(map(str, result.dropped_attention))
         table.add_row("attention dropped", f"{len(result.dropped_attention)} sublayers (blocks {blocks})")
@@ -66,6 +90,11 @@ def totals_table(result: Plan, cost: dict | None = None) -> Table:
     table.add_row(
         "parameters after", f"{result.params_after:,} ({result.params_after / result.params_before:.3f}x)"
     )
+    if result.active_params_before:
+        table.add_row(
+            "active parameters per token",
+            f"{result.active_params_before:,} -> {result.active_params_after:,}",
+        )
     if config.total_sparsity is not None:
         table.add_row(
             "total sparsity",

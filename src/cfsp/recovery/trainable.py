@@ -11,22 +11,26 @@ from torch import nn
 from cfsp import models
 from cfsp.errors import CfspError
 from cfsp.recovery.config import RecoveryConfig
-from cfsp.recovery.ranks import decoder_blocks
+from cfsp.recovery.ranks import block_targets, decoder_blocks
 
 
 def build_lora_config(model: nn.Module, ranks: Sequence[int], config: RecoveryConfig):
     """A peft ``LoraConfig`` giving block ``i`` rank ``ranks[i]`` and alpha ``alpha * ranks[i] / R``.
 
-    Targets are one regex restricted to the decoder blocks, so embeddings and the LM head never get
-    adapters and the parameter count matches ``rank_unit_costs`` exactly.
+    Targets are the ``nn.Linear`` modules of the decoder blocks named as targets (the modules
+    ``rank_unit_costs`` counts, so the parameter count matches exactly): embeddings, the LM head and
+    the stacked tensors of routed experts never get adapters.
     """
     from peft import LoraConfig
 
     prefix, blocks = decoder_blocks(model)
     if len(ranks) != len(blocks):
         raise CfspError(f"got {len(ranks)} ranks for {len(blocks)} decoder blocks")
-    names = "|".join(re.escape(t) for t in config.target_modules)
-    target = rf"{re.escape(prefix)}\.\d+\.(?:.*\.)?(?:{names})"
+    target = [
+        f"{prefix}.{index}.{name}"
+        for index, block in enumerate(blocks)
+        for name in block_targets(block, config.target_modules)
+    ]
     block_key = [rf"{re.escape(f'{prefix}.{i}.')}.*" for i in range(len(blocks))]
     scale = config.lora_alpha / config.rank
     return LoraConfig(
