@@ -319,3 +319,43 @@ def test_llama_cpp_runs_the_pruned_moe_like_transformers(name, tmp_path):
         [k for k in plan.kept_experts if k is not None]
     )
     assert_llama_cpp_agrees(tmp_path / "m.gguf", model, wikitext_ids(tokenizer)[:64].reshape(1, 64))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_streamed_equals_in_memory(name, windows, tmp_path):
+    """Block by block from the checkpoint's own form (one tensor per expert on disk for most
+    families, stacked in the model): the same experts, the same logits, and the output in the
+    checkpoint's form again, which plain transformers loads."""
+    from cfsp.streaming import load_whole, prune_directory
+
+    source = tmp_path / "source"
+    build(name).save_pretrained(source, max_shard_size="200KB")
+    whole = load_whole(source, device="cpu", dtype="float32")
+    model = build(name)
+    assert {k: v.shape for k, v in whole.state_dict().items()} == {
+        k: v.shape for k, v in model.state_dict().items()
+    }
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(whole.state_dict().values(), model.state_dict().values(), strict=True)
+    )
+    plan = cfsp.prune(model, windows, expert_sparsity=0.5, progress=False)
+    streamed = prune_directory(
+        source,
+        windows,
+        None,
+        tmp_path / "out",
+        device="cpu",
+        dtype="float32",
+        expert_sparsity=0.5,
+        progress=False,
+    )
+    for a, b in zip(plan.kept_experts, streamed.kept_experts, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
+    written = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
+    original = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
+    assert {k.split(".experts.")[0] for k in written} == {k.split(".experts.")[0] for k in original}
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    x = windows[:2, :16]
+    with torch.no_grad():
+        assert torch.equal(stock(x).logits, model(x).logits)

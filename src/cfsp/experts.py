@@ -115,12 +115,6 @@ def has_experts_module(block: nn.Module) -> bool:
     return any("expert" in name.lower() for name, _ in block.named_modules())
 
 
-def config_has_experts(config: dict) -> bool:
-    """Whether a config.json (its text part) describes routed experts."""
-    text = config.get("text_config", config) if isinstance(config, dict) else {}
-    return any(isinstance(text.get(k), int) and text.get(k) > 1 for k in COUNT_KEYS)
-
-
 def moe_blocks(blocks) -> list[MoeBlock | None]:
     return [find_moe(block) for block in blocks]
 
@@ -218,3 +212,71 @@ def set_expert_count(config, old: int, new: int) -> None:
             written = True
     if not written:
         raise CfspError(f"cannot find the expert count in the {type(text).__name__} config")
+
+
+# On disk, checkpoints keep one tensor per routed expert and projection (``experts.3.gate_proj.weight``)
+# where the model stacks them; transformers stacks them when it loads a whole model, and the stock
+# output keeps the checkpoint's own form. The stacked tensor, and the per-expert projections
+# concatenated into it along the output axis, in order:
+PER_EXPERT_PROJECTIONS = {
+    "gate_up_proj": (("gate_proj", "up_proj"), ("w1", "w3")),
+    "down_proj": (("down_proj",), ("w2",)),
+}
+# Where some families' checkpoints keep a tensor under another module path than the model (model
+# prefix, checkpoint prefix): Mixtral, MiniMax and PhiMoE keep the MoE module under its old name,
+# ERNIE-4.5 its routing bias beside the router instead of inside it, Granite-MoE its stacked experts
+# and router under older names. Each a module path and its checkpoint path, both ending in a dot.
+STORED_NAMES = (
+    ("mlp.", "block_sparse_moe."),
+    ("mlp.gate.moe_statics.", "mlp.moe_statics."),
+    ("block_sparse_moe.experts.gate_up_proj.", "block_sparse_moe.input_linear.weight."),
+    ("block_sparse_moe.experts.down_proj.", "block_sparse_moe.output_linear.weight."),
+    ("block_sparse_moe.router.weight.", "block_sparse_moe.router.layer.weight."),
+)
+
+
+@dataclass
+class StoredTensor:
+    """Where one tensor of a block lives in a checkpoint: under one key, or as one tensor per expert
+    and projection (``base.<e>.<projection>.weight``) to concatenate and stack."""
+
+    key: str | None = None
+    base: str | None = None
+    projections: tuple[str, ...] = ()
+    count: int = 0
+
+    def expert_keys(self, expert: int) -> list[str]:
+        return [f"{self.base}.{expert}.{projection}.weight" for projection in self.projections]
+
+    def split(self, stacked: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The per-expert tensors of a stacked one, numbered from 0 (as many as it now has)."""
+        out = {}
+        for expert in range(stacked.shape[0]):
+            parts = stacked[expert].chunk(len(self.projections), dim=0)
+            out.update(zip(self.expert_keys(expert), parts, strict=True))
+        return out
+
+
+def _stored_names(name: str) -> list[str]:
+    names = [name]
+    for module, stored in STORED_NAMES:
+        if (name + ".").startswith(module):
+            names.append((stored + (name + ".")[len(module) :]).rstrip("."))
+    return names
+
+
+def stored_tensor(prefix: str, name: str, files) -> StoredTensor | None:
+    """How the block tensor ``name`` (under ``prefix``, e.g. ``model.layers.3.``) is stored among the
+    checkpoint keys ``files``, or None if it is not."""
+    for candidate in _stored_names(name):
+        if prefix + candidate in files:
+            return StoredTensor(key=prefix + candidate)
+    parent, _, last = name.rpartition(".")
+    for base in _stored_names(parent) if parent else []:
+        for projections in PER_EXPERT_PROJECTIONS.get(last, ()):
+            stored = StoredTensor(base=prefix + base, projections=projections)
+            while all(key in files for key in stored.expert_keys(stored.count)):
+                stored.count += 1
+            if stored.count:
+                return stored
+    return None

@@ -145,14 +145,13 @@ def apply_experts(model: nn.Module, plan: Plan, placement: InMemoryBlocks | None
         )
     placement.begin_output()
     counts = set()
-    for index, kept in enumerate(plan.kept_experts):
-        if kept is None:
-            continue
+    for index, kept in enumerate(plan.kept_experts):  # every block: a streamed output writes each
         placement.onload(index)
-        moe = moe_blocks([blocks[index]])[0]  # after onload: the block's own (streamed) tensors
-        check_expert_count(moe, int(kept.numel()), f"block {index}")
-        keep_experts(moe, kept)
-        counts.add(int(kept.numel()))
+        if kept is not None:
+            moe = moe_blocks([blocks[index]])[0]  # after onload: the block's own (streamed) tensors
+            check_expert_count(moe, int(kept.numel()), f"block {index}")
+            keep_experts(moe, kept)
+            counts.add(int(kept.numel()))
         placement.offload(index)
     if len(counts) != 1:
         raise CfspError(

@@ -10,7 +10,10 @@ pass, so each block's Gram matrix exists only while the block is refit). Peak me
 + the calibration activations (+ the embedding during the capture), whatever the model's depth.
 
 The output is an ordinary pruned directory (sharded safetensors + index, config, modeling file,
-plan, tokenizer), written through an output reservation like every other cfsp output.
+plan, tokenizer), written through an output reservation like every other cfsp output. Tensors are
+read and written in the checkpoint's own form: a mixture-of-experts checkpoint that keeps one
+tensor per routed expert (``experts.3.gate_proj.weight``) is stacked into the model's expert
+tensors on the way in and split again on the way out (``cfsp.experts.stored_tensor``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import nn
 from cfsp.calibration import InMemoryBlocks
 from cfsp.config import PruneConfig
 from cfsp.errors import CfspError
+from cfsp.experts import StoredTensor, stored_tensor
 from cfsp.models import decoder_blocks, load_tokenizer, loading_errors, resolve_device, resolve_dtype
 from cfsp.outdir import StagedOutput
 from cfsp.pruning import PruneResult, prune
@@ -38,9 +42,17 @@ def _set(module: nn.Module, name: str, device: torch.device | str, value: torch.
     set_module_tensor_to_device(module, name, device, value=value)
 
 
-def _load(module: nn.Module, name: str, weights: SafetensorsWeights, key: str, device, dtype) -> None:
-    """Put tensor ``key`` of the files into ``module.<name>``, which must have its shape."""
-    value = weights.get(key)
+def _load(
+    module: nn.Module, name: str, weights: SafetensorsWeights, key: str | StoredTensor, device, dtype
+) -> None:
+    """Put tensor ``key`` of the files (or the per-expert tensors it is stored as, stacked) into
+    ``module.<name>``, which must have its shape."""
+    if isinstance(key, StoredTensor) and key.key is None:
+        experts = [torch.cat([weights.get(k) for k in key.expert_keys(e)], dim=0) for e in range(key.count)]
+        value, key = torch.stack(experts), f"{key.base}.*"
+    else:
+        key = key.key if isinstance(key, StoredTensor) else key
+        value = weights.get(key)
     is_parameter = name in dict(module.named_parameters())
     expected = (module.get_parameter(name) if is_parameter else module.get_buffer(name)).shape
     if value.shape != expected:
@@ -63,32 +75,47 @@ class StreamedBlocks(InMemoryBlocks):
         self.writer: ShardWriter | None = None
         self.writing = False
         self.streams = True
+        self._stored: dict[int, dict[str, StoredTensor]] = {}
 
     def block(self, index: int) -> nn.Module:
         return decoder_blocks(self.model)[index]
 
     def onload(self, index: int) -> None:
         block = self.block(index)
-        for name in self.stored_tensors(index):
-            _load(block, name, self.weights, f"{self.prefix}.{index}.{name}", self.device, self.dtype)
+        for name, stored in self.stored_tensors(index).items():
+            _load(block, name, self.weights, stored, self.device, self.dtype)
 
     def offload(self, index: int) -> None:
         block = self.block(index)
-        if self.writing and self.writer is not None:
-            self.writer.write(f"{self.prefix}.{index}.", block.state_dict())
-        for name in self.stored_tensors(index):
+        stored = self.stored_tensors(index)
+        if self.writing and self.writer is not None:  # under the checkpoint's own names and form
+            tensors = {}
+            for name, value in block.state_dict().items():
+                form = stored.get(name)
+                if form is not None and form.key is None:
+                    tensors.update(form.split(value))
+                else:
+                    tensors[form.key if form is not None else f"{self.prefix}.{index}.{name}"] = value
+            self.writer.write("", tensors)
+        for name in stored:
             _set(block, name, "meta")
 
     def begin_output(self) -> None:
         self.writing = True
 
-    def stored_tensors(self, index: int) -> list[str]:
-        """What block ``index`` reads from the files: its parameters, and its buffers that the
-        checkpoint holds (Gemma 4's ``layer_scalar`` is a trained buffer; rotary tables are not
-        stored and keep their computed values)."""
-        block = self.block(index)
-        buffers = [n for n, _ in block.named_buffers() if f"{self.prefix}.{index}.{n}" in self.weights.files]
-        return [name for name, _ in block.named_parameters()] + buffers
+    def stored_tensors(self, index: int) -> dict[str, StoredTensor]:
+        """What block ``index`` reads from the files, and where: its parameters, and its buffers
+        that the checkpoint holds (Gemma 4's ``layer_scalar`` and DeepSeek's
+        ``e_score_correction_bias`` are; rotary tables are not and keep their computed values)."""
+        if index not in self._stored:
+            block, prefix = self.block(index), f"{self.prefix}.{index}."
+            found = {}
+            for name, _ in [*block.named_parameters(), *block.named_buffers()]:
+                stored = stored_tensor(prefix, name, self.weights.files)
+                if stored is not None:
+                    found[name] = stored
+            self._stored[index] = found
+        return self._stored[index]
 
     def before_capture(self, windows: torch.Tensor) -> torch.Tensor:
         """Load only the rows the windows use of every token-indexed table, and renumber the windows
@@ -154,7 +181,12 @@ def empty_model(
                 f"({name}: {weights.shape(name)} in the files, {tuple(parameter.shape)} from the config)"
             )
         if name.startswith(prefix) and name not in weights.files:
-            raise CfspError(f"cannot load the model in {folder}: the weights have no tensor {name!r}")
+            block, _, inner = name[len(prefix) :].partition(".")
+            if stored_tensor(f"{prefix}{block}.", inner, weights.files) is None:
+                raise CfspError(
+                    f"cannot load the model in {folder}: the weights have no tensor {name!r} (in any form "
+                    "cfsp can stream; a quantized checkpoint needs converting to floats first)"
+                )
     # Loaded on demand instead: the blocks (one at a time) and the token tables (for the capture);
     # the LM head is never run by the calibration pass.
     skip = {id(table.weight) for _, table in token_tables(model)}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -60,7 +59,6 @@ def prune(
     """Prune a model's FFN channels (or a mixture-of-experts model's routed experts) and save it."""
     import cfsp
     from cfsp.data import check_windows, describe_windows, text_source_path
-    from cfsp.experts import config_has_experts
     from cfsp.memory import pruning_cost
     from cfsp.models import load_tokenizer, resolve_device, resolve_dtype
     from cfsp.outdir import StagedOutput
@@ -75,14 +73,7 @@ def prune(
     if config.needs_calibration:
         check_windows(nsamples, seqlen)
         text_source_path(calib_source, data_dir)
-    routed = is_streamable(model) and config_has_experts(
-        json.loads((Path(model) / "config.json").read_text())
-    )
-    if routed and stream:
-        console.print(
-            "a mixture-of-experts directory: loading it whole (streaming block by block is for dense models)"
-        )
-    streamed = stream and is_streamable(model) and not routed
+    streamed = stream and is_streamable(model)
     if streamed:
         check_streamable(Path(model))
         if config.attention.drop_attention == "auto":
@@ -96,7 +87,7 @@ def prune(
             net, tokenizer = None, load_tokenizer(model)
         else:
             console.print(f"loading [bold]{model}[/] ...")
-            if is_streamable(model) and not routed:  # each tensor its own storage: pruning frees it
+            if is_streamable(model):  # each tensor its own storage: what pruning removes is freed
                 net, tokenizer = load_whole(model, device=device, dtype=dtype), load_tokenizer(model)
             else:
                 net, tokenizer = cfsp.load_model(model, dtype=dtype, device=device)
