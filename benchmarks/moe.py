@@ -47,6 +47,7 @@ CACHE = Path(os.environ.get("CFSP_CACHE", Path.home() / ".cache" / "cfsp")) / "m
 VOCAB, SEQLEN, EXPERTS, TOP_K = 8192, 256, 32, 4
 EVAL_WINDOWS, CALIB_WINDOWS = 48, 32
 FRACTIONS, METRICS, SEEDS = (0.25, 0.5), ("reap", "frequency", "gate_mass", "random"), (0, 1)
+CHANNELS = "channels inside experts"  # the same share of expert parameters, as channels of every expert
 
 
 # --------------------------------------------------------------------------- the corpora
@@ -305,14 +306,14 @@ def main() -> None:
         for domain in ("prose", "code"):
             for seed in SEEDS:
                 calib = windows(data[domain]["calibration"], CALIB_WINDOWS, seed=seed)
-                for metric in METRICS:
+                for metric in (*METRICS, CHANNELS):
                     pruned = copy.deepcopy(model)
-                    plan = cfsp.prune(
-                        pruned, calib, expert_sparsity=fraction, expert_metric=metric, progress=False
-                    )
+                    cut = {"expert_channel_sparsity": fraction} if metric == CHANNELS else {
+                        "expert_sparsity": fraction, "expert_metric": metric}  # fmt: skip
+                    plan = cfsp.prune(pruned, calib, progress=False, **cut)
                     run = {"fraction": fraction, "calibration": domain, "seed": seed, "metric": metric,
                            "params": plan.params_after, "ppl": perplexities(pruned, evaluation),
-                           "kept": [k.tolist() for k in plan.kept_experts]}  # fmt: skip
+                           "kept": [k.tolist() for k in plan.kept_experts if k is not None]}  # fmt: skip
                     result["runs"].append(run)
                     print(
                         {k: run[k] for k in ("fraction", "calibration", "seed", "metric", "ppl")}, flush=True
@@ -333,12 +334,12 @@ def table(result: dict) -> str:
         f"{result['eval_windows']} x {SEQLEN} held-out tokens each). Mean of seeds {SEEDS}, "
         f"{result['calib_windows']} x {SEQLEN} calibration tokens.",
         "",
-        "| experts removed | calibration | metric | prose ppl | code ppl |",
+        "| expert parameters removed | calibration | what goes | prose ppl | code ppl |",
         "|---|---|---|---|---|",
     ]
     for fraction in FRACTIONS:
         for domain in ("prose", "code"):
-            for metric in METRICS:
+            for metric in (*METRICS, CHANNELS):
                 runs = [
                     r
                     for r in result["runs"]

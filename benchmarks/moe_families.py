@@ -14,6 +14,7 @@ transformers on 64 WikiText-2 tokens). Writes ``results/moe_families.{json,md}``
 from __future__ import annotations
 
 import json
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -102,6 +103,11 @@ def main() -> None:
             rows[name]["config"] = "published config.json" if name in MOE_CONFIGS else "class defaults"
             print(name, {k: rows[name][k] for k in ("exact", "stock_load", "gguf")}, flush=True)
     write_text_atomic(RESULTS / "moe_families.json", dumps(rows, indent=1))
+    write_text_atomic(RESULTS / "moe_families.md", markdown(rows))
+    print(markdown(rows))
+
+
+def markdown(rows: dict) -> str:
     lines = [
         "| family (config) | model_type | routed experts (top-k, groups) | kept at 50 % | shared expert | "
         "= masked routing | stock load | GGUF (llama.cpp's converter, run) |",
@@ -110,17 +116,18 @@ def main() -> None:
     for name, row in rows.items():
         source = name if row["config"] == "published config.json" else f"{name} (class defaults)"
         groups = f", {row['groups']} groups" if row["groups"] > 1 else ""
-        gguf = MARK[row["gguf"]]
         if row["gguf"]:
-            gguf += (
-                f" top-1 {row['top1']:.2f}, ppl {row['ppl_llamacpp']:.1f} vs {row['ppl_transformers']:.1f}"
+            gguf = (
+                f"✔ top-1 {row['top1']:.2f}, ppl {row['ppl_llamacpp']:.1f} vs {row['ppl_transformers']:.1f}"
             )
+        else:  # the converter's own message, after the directory it names
+            message = re.sub(r"/\S*/", "", row.get("gguf_error", "").split("/out: ")[-1])  # no folders
+            gguf = "✘ " + message.replace("|", "/")[:70]
         lines.append(
             f"| {source} | {row['model_type']} | {row['experts']} (top-{row['top_k']}{groups}) | {row['kept']} | "
             f"{MARK[row['shared_expert']]} | {MARK[row['exact']]} | {MARK[row['stock_load']]} | {gguf} |"
         )
-    write_text_atomic(RESULTS / "moe_families.md", "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

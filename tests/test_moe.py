@@ -352,6 +352,8 @@ def test_streamed_equals_in_memory(name, windows, tmp_path):
     )
     for a, b in zip(plan.kept_experts, streamed.kept_experts, strict=True):
         assert (a is None and b is None) or torch.equal(a, b)
+    for a, b in zip(plan.kept_expert_channels or [], streamed.kept_expert_channels or [], strict=True):
+        assert (a is None and b is None) or torch.equal(a, b)
     written = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["weight_map"]
     original = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
     assert {k.split(".experts.")[0] for k in written} == {k.split(".experts.")[0] for k in original}
@@ -359,3 +361,53 @@ def test_streamed_equals_in_memory(name, windows, tmp_path):
     x = windows[:2, :16]
     with torch.no_grad():
         assert torch.equal(stock(x).logits, model(x).logits)
+
+
+# Families whose stock class sizes its shared experts from the routed experts' width.
+SHARED_FROM_EXPERT_WIDTH = {"deepseek-v3", "kimi-k2", "glm-4.5-air", "ernie4_5_moe", "hunyuan_v1_moe"}
+
+
+def zero_removed_channels(model: torch.nn.Module, plan: Plan) -> None:
+    """The dense model with each kept expert's removed channels silenced (their down columns zero)."""
+    from cfsp.experts import down_columns
+
+    for index, moe in enumerate(moe_blocks(decoder_blocks(model))):
+        channels = plan.kept_expert_channels[index]
+        if moe is None or channels is None:
+            continue
+        kept_experts = plan.kept_experts[index]
+        with torch.no_grad():
+            columns = down_columns(moe.experts)  # a view: [E, H, I]
+            for row, expert in enumerate(kept_experts.tolist()):
+                mask = torch.ones(moe.width, dtype=torch.bool)
+                mask[channels[row]] = False
+                columns[expert][:, mask] = 0
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_channels_inside_experts_equal_silenced_channels(name, windows, tmp_path):
+    """Channels removed inside every kept expert (one width for all): the logits equal the dense
+    model's with those channels silenced (and the removed experts masked); the directory is still
+    the stock class, with the new expert width in its config."""
+    dense, model = build(name), build(name)
+    width = find_moe(next(b for b in decoder_blocks(model) if find_moe(b) is not None)).width
+    if name in SHARED_FROM_EXPERT_WIDTH:  # narrower experts would narrow the stock class's shared experts
+        with pytest.raises(CfspError, match="sizes other tensors from the experts' width"):
+            cfsp.prune(model, windows, expert_channel_sparsity=0.25, progress=False)
+        return
+    plan = cfsp.prune(model, windows, expert_sparsity=0.25, expert_channel_sparsity=0.25, progress=False)
+    zero_removed_channels(dense, plan)
+    x = windows[:2, :16]
+    with torch.no_grad(), masked_routing(dense, removed_experts(plan)):
+        want = dense(x).logits
+    with torch.no_grad():
+        got = model(x).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for moe in moe_blocks(decoder_blocks(model)):
+        if moe is not None:
+            assert moe.width == width - round(width * 0.25)
+    assert plan.stock_output
+    cfsp.save_pruned(model, None, plan, tmp_path / "out")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(stock(x).logits, got, rtol=1e-5, atol=1e-5)

@@ -211,12 +211,17 @@ class PruneConfig:
 
     sparsity: float | None = option(
         None,
-        "Fraction of FFN channels to remove, in (0, 1) (default 0.5; 0 with --expert-sparsity alone).",
+        "Fraction of FFN channels to remove, in (0, 1) (default 0.5; 0 with an expert cut alone).",
     )
     expert_sparsity: float = option(
         0.0,
         "Fraction of the routed experts of every mixture-of-experts block to remove (0.5 removes half); "
         "the router loses their rows and the output stays the family's stock checkpoint.",
+    )
+    expert_channel_sparsity: float = option(
+        0.0,
+        "Fraction of the intermediate channels of every routed expert to remove, the same count in each "
+        "(one expert width, as engines stack experts), chosen per expert over the tokens routed to it.",
     )
     expert_metric: str = option(
         "reap",
@@ -297,7 +302,7 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         if self.sparsity is None:  # FFN channels stay when only experts are asked for
-            self.sparsity = 0.0 if self.expert_sparsity else 0.5
+            self.sparsity = 0.0 if self.cuts_experts else 0.5
         for name, kind in NESTED.items():  # a nested config may come as its dict (a plan, to_dict)
             value = getattr(self, name)
             if isinstance(value, dict):
@@ -335,13 +340,13 @@ class PruneConfig:
             _check_number("", name + (f" ({alias})" if alias else ""), getattr(self, name))
         _check_number("", "refit_damping", self.refit_damping, low=0)
         _check_number("", "temperature", self.temperature, low=0)
-        _check_number("", "expert_sparsity", self.expert_sparsity)
-        if not 0.0 <= float(self.expert_sparsity) < 1.0:
-            raise CfspError(
-                f"expert_sparsity must be in [0, 1), got {self.expert_sparsity}; e.g. 0.5 removes half the "
-                "routed experts of every mixture-of-experts block"
-            )
-        low = 0.0 if self.expert_sparsity else None  # channels may stay when experts go
+        for name in ("expert_sparsity", "expert_channel_sparsity"):
+            _check_number("", name, getattr(self, name))
+            if not 0.0 <= float(getattr(self, name)) < 1.0:
+                raise CfspError(
+                    f"{name} must be in [0, 1), got {getattr(self, name)}; e.g. 0.5 removes half of them"
+                )
+        low = 0.0 if self.cuts_experts else None  # channels may stay when experts go
         if not ((low is not None and float(self.sparsity) == low) or 0.0 < float(self.sparsity) < 1.0):
             raise CfspError(
                 f"sparsity must be in (0, 1), got {self.sparsity}; e.g. 0.5 removes half the FFN channels"
@@ -460,6 +465,11 @@ class PruneConfig:
             or self.compensation != "none"
             or bool(self.attention.cuts)
         )
+
+    @property
+    def cuts_experts(self) -> bool:
+        """Whether routed experts (or channels inside them) of a mixture-of-experts model go."""
+        return bool(self.expert_sparsity or self.expert_channel_sparsity)
 
     @property
     def adds_bias(self) -> bool:

@@ -137,7 +137,7 @@ def decide(
     if config.sequential and calib is None:
         raise CfspError("sequential pruning needs calibration windows (pass calib / --calib-source)")
     check_model(model, config, placement)
-    if config.expert_sparsity:
+    if config.cuts_experts:
         return decide_experts(
             model, calib, config, placement=placement, progress=progress, calibration=calibration
         )

@@ -160,6 +160,72 @@ def choose_experts(scores: torch.Tensor, keep: int, groups: int = 1) -> torch.Te
     return torch.sort(kept.flatten()).values.cpu()
 
 
+WIDTH_KEYS = ("moe_intermediate_size", "intermediate_size")  # the config key of the experts' width, in order
+
+
+def expert_intermediate(experts: nn.Module, hidden: torch.Tensor, expert: int) -> torch.Tensor:
+    """Expert ``expert``'s intermediate activation (what its down projection reads) on the rows
+    ``hidden`` [n, H]: the family's own gate (``_apply_gate``: SiLU-gated halves, gpt-oss's clamped
+    interleaved SwiGLU) on the gate/up projection, with its bias where it has one."""
+    if not getattr(experts, "has_gate", True):
+        raise CfspError("pruning channels inside experts needs gated experts (gate_up_proj)")
+    weight = experts.gate_up_proj[expert]
+    out = hidden @ weight if getattr(experts, "is_transposed", False) else hidden @ weight.T
+    bias = getattr(experts, "gate_up_proj_bias", None)
+    if bias is not None:
+        out = out + bias[expert]
+    return experts._apply_gate(out)
+
+
+def down_columns(experts: nn.Module) -> torch.Tensor:
+    """The down projections as [E, H, I] (columns = intermediate channels), whatever the layout."""
+    down = experts.down_proj
+    return down.transpose(1, 2) if getattr(experts, "is_transposed", False) else down
+
+
+def keep_expert_channels(moe: MoeBlock, kept: torch.Tensor) -> None:
+    """Keep intermediate channels ``kept`` [E, I'] (ascending per expert) of every routed expert:
+    their gate and up rows (halves, or gpt-oss's interleaved pairs), biases and down columns; one
+    width for every expert, as engines stack them."""
+    experts, width = moe.experts, moe.width
+    transposed = getattr(experts, "is_transposed", False)
+    concatenated = getattr(experts, "is_concatenated", True)
+    if concatenated:
+        paired = torch.cat([kept, kept + width], dim=1)  # gate rows, then up rows
+    else:
+        paired = torch.stack([2 * kept, 2 * kept + 1], dim=2).flatten(1)  # gate, up interleaved
+    gate_axis = 2 if transposed else 1
+    down_axis = 1 if transposed else 2
+
+    def gather(tensor: torch.Tensor, index: torch.Tensor, axis: int) -> nn.Parameter:
+        index = index.to(tensor.device)
+        if tensor.dim() == 3:  # [E, k] -> [E, k, 1] along axis 1, [E, 1, k] along axis 2
+            index = index.unsqueeze(3 - axis)
+            size = list(tensor.shape)
+            size[axis] = index.shape[axis]
+            index = index.expand(*size)
+        rows = tensor.detach().gather(axis, index).clone()
+        return nn.Parameter(rows, requires_grad=tensor.requires_grad)
+
+    experts.gate_up_proj = gather(experts.gate_up_proj, paired, gate_axis)
+    if getattr(experts, "gate_up_proj_bias", None) is not None:
+        experts.gate_up_proj_bias = gather(experts.gate_up_proj_bias, paired, 1)
+    experts.down_proj = gather(experts.down_proj, kept, down_axis)
+    for key in ("intermediate_dim", "intermediate_size"):
+        if getattr(experts, key, None) == width:
+            setattr(experts, key, int(kept.shape[1]))
+
+
+def set_expert_width(config, old: int, new: int) -> None:
+    """Write the experts' new intermediate width into the config (the first width key that holds it)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in WIDTH_KEYS:
+        if getattr(text, key, None) == old:
+            setattr(text, key, new)
+            return
+    raise CfspError(f"cannot find the experts' width ({old}) in the {type(text).__name__} config")
+
+
 def _expert_axis(tensor: torch.Tensor, count: int) -> int | None:
     """The expert axis of a per-expert tensor: the leading one ([E, ...]), or the second of a
     single-row matrix (ERNIE's ``e_score_correction_bias`` is [1, E])."""

@@ -10,6 +10,7 @@ of experts, so the group structure (``n_group`` contiguous groups) holds in the 
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import torch
@@ -18,33 +19,42 @@ from torch import nn
 from cfsp.calibration import InMemoryBlocks, run_blocks
 from cfsp.config import PruneConfig
 from cfsp.errors import CfspError
-from cfsp.experts import check_expert_count, choose_experts, keep_experts, moe_blocks, set_expert_count
+from cfsp.experts import (
+    check_expert_count,
+    choose_experts,
+    keep_expert_channels,
+    keep_experts,
+    moe_blocks,
+    set_expert_count,
+    set_expert_width,
+)
 from cfsp.models import active_parameters, count_parameters, decoder_blocks, ffn_widths
 from cfsp.plan import Plan
-from cfsp.scoring import block_importance, expert_scores, sublayer_importance
+from cfsp.scoring import block_importance, expert_channel_scores, expert_scores, sublayer_importance
 from cfsp.statistics import BlockMovement, BlockStats, ExpertRouting
 
 log = logging.getLogger("cfsp")
 
 
-def kept_count(count: int, expert_sparsity: float) -> int:
-    """Experts a block of ``count`` keeps: the removed share rounded to the nearest whole expert."""
-    return count - int(round(count * expert_sparsity))
+def kept_count(count: int, sparsity: float) -> int:
+    """Experts (or channels) a block of ``count`` keeps: the removed share rounded to a whole one."""
+    return max(1, count - int(round(count * sparsity)))
 
 
 def check_expert_cut(model: nn.Module, config: PruneConfig) -> None:
     """What the expert cut needs of the model and the other options, checked before any work."""
     moes = moe_blocks(decoder_blocks(model))
     if not any(m is not None for m in moes):
-        if config.expert_sparsity:
+        if config.cuts_experts:
             raise CfspError(
-                "--expert-sparsity removes routed experts, and this model has none (a dense model); use --sparsity"
+                "--expert-sparsity and --expert-channel-sparsity prune routed experts, and this model has none "
+                "(a dense model); use --sparsity"
             )
         return
-    if not config.expert_sparsity:
+    if not config.cuts_experts:
         raise CfspError(
             "this is a mixture-of-experts model: give --expert-sparsity (e.g. 0.25 removes a quarter of "
-            "every MoE block's routed experts)"
+            "every MoE block's routed experts) or --expert-channel-sparsity"
         )
     others = [
         flag
@@ -58,12 +68,43 @@ def check_expert_cut(model: nn.Module, config: PruneConfig) -> None:
     ]
     if others:
         raise CfspError(
-            f"on a mixture-of-experts model, --expert-sparsity cannot be combined with {', '.join(others)} "
+            f"on a mixture-of-experts model, the expert cuts cannot be combined with {', '.join(others)} "
             "yet; prune the routed experts alone"
         )
     for index, moe in enumerate(moes):
         if moe is not None:
             check_expert_count(moe, kept_count(moe.count, config.expert_sparsity), f"block {index}")
+    if config.expert_channel_sparsity:
+        moe = next(m for m in moes if m is not None)
+        changed = _stock_shapes_change(
+            model, moe.width, kept_count(moe.width, config.expert_channel_sparsity)
+        )
+        if changed:
+            raise CfspError(
+                f"{model.config.model_type} sizes other tensors from the experts' width ({changed} would change "
+                "with it, e.g. shared experts), so --expert-channel-sparsity cannot give its stock checkpoint yet; "
+                "use --expert-sparsity"
+            )
+
+
+def _stock_shapes_change(model: nn.Module, width: int, new_width: int) -> str | None:
+    """The first tensor outside the routed experts whose shape the family's own class would change
+    if the config's expert width changed (None: only the experts change)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(model.config)
+    set_expert_width(config, width, new_width)
+    with init_empty_weights():
+        fresh = AutoModelForCausalLM.from_config(config)
+    experts = {
+        id(p) for m in moe_blocks(decoder_blocks(model)) if m is not None for p in m.experts.parameters()
+    }
+    ours = {name: p for name, p in model.named_parameters() if id(p) not in experts}
+    for name, parameter in fresh.named_parameters():
+        if name in ours and tuple(ours[name].shape) != tuple(parameter.shape):
+            return name
+    return None
 
 
 def decide_experts(
@@ -84,40 +125,51 @@ def decide_experts(
     blocks = decoder_blocks(model)
     moes = moe_blocks(blocks)
     records = [BlockStats() for _ in blocks]
+    channels = bool(config.expert_channel_sparsity)
     run_blocks(
         model,
         calib,
-        [BlockMovement(records), ExpertRouting(records)],
+        [BlockMovement(records), ExpertRouting(records, channels)],
         batch_size=config.batch_size,
         placement=placement,
         progress=progress,
         description="routing statistics",
     )
+    widths = ffn_widths(model)
     kept: list[torch.Tensor | None] = []
+    kept_channels: list[torch.Tensor | None] = []
     scores: list[list[float] | None] = []
     unrouted: list[int | None] = []
+    new_widths = list(widths)
     for index, (moe, record) in enumerate(zip(moes, records, strict=True)):
         if moe is None:
-            kept.append(None), scores.append(None), unrouted.append(None)
+            kept.append(None), kept_channels.append(None), scores.append(None), unrouted.append(None)
             continue
         score = expert_scores(config.expert_metric, record.experts, index).cpu()
         kept.append(choose_experts(score, kept_count(moe.count, config.expert_sparsity), moe.groups))
         scores.append(score.tolist())
         unrouted.append(record.experts.unrouted)
+        if channels:  # each kept expert's best channels, as many in every expert
+            width = kept_count(moe.width, config.expert_channel_sparsity)
+            channel_scores = expert_channel_scores(record.experts).cpu()[kept[-1]]
+            order = torch.argsort(channel_scores, dim=1, descending=True, stable=True)[:, :width]
+            kept_channels.append(torch.sort(order, dim=1).values)
+            new_widths[index] = width
+        else:
+            kept_channels.append(None)
     never = sum(u for u in unrouted if u)
     if never:
         log.warning(
             f"{never} routed expert(s) received no calibration token (scored lowest); more or more varied "
             "calibration windows would rank them"
         )
-    widths = ffn_widths(model)
     attention_importance, mlp_importance = sublayer_importance(records)
     plan = Plan(
         config=config,
         original_widths=widths,
-        widths=list(widths),
-        kept_channels=[torch.arange(w) for w in widths],
-        keep_fractions=[1.0] * len(widths),
+        widths=new_widths,
+        kept_channels=[torch.arange(w) for w in new_widths],
+        keep_fractions=[w / o for w, o in zip(new_widths, widths, strict=True)],
         block_importance=block_importance(records, config.block_metric),
         attention_importance=attention_importance,
         mlp_importance=mlp_importance,
@@ -127,6 +179,7 @@ def decide_experts(
         kept_experts=kept,
         expert_scores=scores,
         unrouted_experts=unrouted,
+        kept_expert_channels=kept_channels if channels else None,
         params_before=count_parameters(model),
         active_params_before=active_parameters(model),
     )
@@ -144,21 +197,30 @@ def apply_experts(model: nn.Module, plan: Plan, placement: InMemoryBlocks | None
             "the plan was made for a model with other routed-expert counts; apply it to the model it was made from"
         )
     placement.begin_output()
-    counts = set()
+    counts, widths = set(), set()
+    channels = plan.kept_expert_channels or [None] * len(blocks)
     for index, kept in enumerate(plan.kept_experts):  # every block: a streamed output writes each
         placement.onload(index)
         if kept is not None:
             moe = moe_blocks([blocks[index]])[0]  # after onload: the block's own (streamed) tensors
             check_expert_count(moe, int(kept.numel()), f"block {index}")
+            width = moe.width
             keep_experts(moe, kept)
+            if channels[index] is not None:
+                keep_expert_channels(moe, channels[index])
             counts.add(int(kept.numel()))
+            widths.add((width, moe.width))
         placement.offload(index)
-    if len(counts) != 1:
+    if len(counts) != 1 or len(widths) != 1:
         raise CfspError(
-            "every mixture-of-experts block must keep the same number of experts (one config count)"
+            "every mixture-of-experts block must keep the same number of experts of one width (one config "
+            "count and width)"
         )
     original = next(n for n in plan.original_experts if n is not None)
     set_expert_count(model.config, original, counts.pop())
+    old_width, new_width = widths.pop()
+    if new_width != old_width:
+        set_expert_width(model.config, old_width, new_width)
     plan.params_after = count_parameters(model)
     plan.active_params_after = active_parameters(model)
     log.info(

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import torch
 
 # Keys of a plan file that are lists of index tensors in a ``Plan``.
-_INDEX_LISTS = ("kept_channels", "kept_kv_groups", "down_biases", "kept_experts")
+_INDEX_LISTS = ("kept_channels", "kept_kv_groups", "down_biases", "kept_experts", "kept_expert_channels")
 
 
 @dataclass
@@ -52,6 +52,9 @@ class Plan:
     kept_experts: list[torch.Tensor | None] | None = None  # the routed experts kept, ascending
     expert_scores: list[list[float] | None] | None = None  # each expert's score (expert_metric)
     unrouted_experts: list[int | None] | None = None  # experts the calibration never routed to
+    # [E', I'] per MoE block: each kept expert's kept intermediate channels (expert_channel_sparsity);
+    # the block's entry in widths is then I' (and kept_channels, one list per block, is 0..I'-1)
+    kept_expert_channels: list[torch.Tensor | None] | None = None
     # Filled by apply:
     down_biases: list[torch.Tensor] | None = None  # bias compensation added to down_proj, per block
     reconstruction: list[dict] | None = None  # per reconstructed block: its error before and after
@@ -82,12 +85,11 @@ class Plan:
         """Whether the pruned model is the family's stock class (one width, or experts alone removed)."""
         if self.config.uniform:
             return True
-        return (
-            self.kept_experts is not None
-            and self.widths == self.original_widths
-            and not self.dropped_attention
-            and self.kept_kv_groups is None
-        )
+        if self.kept_experts is None:
+            return False
+        dense = [n is None for n in self.original_experts]
+        same = all(w == o for w, o, d in zip(self.widths, self.original_widths, dense, strict=True) if d)
+        return same and not self.dropped_attention and self.kept_kv_groups is None
 
     @property
     def experts_before(self) -> int:
@@ -139,10 +141,9 @@ class Plan:
             typed["kept_kv_groups"] = [
                 None if g is None else torch.tensor(g, dtype=torch.long) for g in typed["kept_kv_groups"]
             ]
-        if typed.get("kept_experts") is not None:
-            typed["kept_experts"] = [
-                None if k is None else torch.tensor(k, dtype=torch.long) for k in typed["kept_experts"]
-            ]
+        for key in ("kept_experts", "kept_expert_channels"):
+            if typed.get(key) is not None:
+                typed[key] = [None if k is None else torch.tensor(k, dtype=torch.long) for k in typed[key]]
         if typed.get("down_biases") is not None:
             typed["down_biases"] = [torch.tensor(b, dtype=torch.float64) for b in typed["down_biases"]]
         typed.setdefault("original_widths", list(typed["widths"]))

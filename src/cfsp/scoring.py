@@ -309,6 +309,13 @@ def expert_scores(metric: str, stats: ExpertStats, index: int) -> torch.Tensor:
     return scores
 
 
+def expert_channel_scores(s: ExpertStats) -> torch.Tensor:
+    """[E, I]: each channel of each routed expert by what it adds to the block output over the
+    tokens routed to the expert: the norm of its down column times the root of its summed squared,
+    routing-weighted activation (REAP's expert saliency, taken per channel)."""
+    return s.channel_energy.sqrt() * s.down_norms
+
+
 # The config lists every registered name without importing this module (cfsp.config).
 for _table, _listed in (
     (BLOCK_METRICS, names.BLOCK_METRICS),

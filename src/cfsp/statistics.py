@@ -26,7 +26,7 @@ from torch import nn
 from cfsp import layouts
 from cfsp.calibration import BlockRun, BlockStep, InMemoryBlocks, run_blocks
 from cfsp.errors import CfspError
-from cfsp.experts import find_moe
+from cfsp.experts import down_columns, expert_intermediate, find_moe
 from cfsp.models import block_mlp, decoder_blocks, statistics_device
 
 
@@ -223,11 +223,16 @@ class ExpertStats:
     gate_mass: torch.Tensor  # [E] sum of the routing weights it received
     saliency_sum: torch.Tensor  # [E] sum of routing weight x ||expert output||
     tokens: int = 0  # tokens that reached the router
+    # With channels: [E, I] sum over the expert's tokens of (routing weight x intermediate activation)^2,
+    # and the norms of the down projection's columns (taken while the weights are on the device).
+    channel_energy: torch.Tensor | None = None
+    down_norms: torch.Tensor | None = None
 
     @classmethod
-    def empty(cls, count: int, device: torch.device) -> ExpertStats:
+    def empty(cls, count: int, device: torch.device, width: int | None = None) -> ExpertStats:
         zeros = torch.zeros(count, dtype=torch.float64, device=device)
-        return cls(zeros.clone(), zeros.clone(), zeros.clone())
+        channels = None if width is None else torch.zeros(count, width, dtype=torch.float64, device=device)
+        return cls(zeros.clone(), zeros.clone(), zeros.clone(), channel_energy=channels)
 
     @property
     def unrouted(self) -> int:
@@ -266,6 +271,12 @@ class ExpertStats:
             self.saliency_sum.index_add_(
                 0, ids.to(device), (norms * weight[start : start + step].to(torch.float64)).to(device)
             )
+        if self.channel_energy is not None:
+            for expert in torch.unique(chosen).tolist():
+                mine = chosen == expert
+                act = expert_intermediate(experts, hidden[slots[mine]], expert).to(torch.float64)
+                act = act * weight[mine].to(torch.float64).unsqueeze(1)
+                self.channel_energy[expert] += act.pow(2).sum(dim=0).to(device)
 
 
 EXPERT_ROWS_PER_CHUNK = 8192  # routed slots evaluated at once for the expert output norms
@@ -399,17 +410,19 @@ class MlpRecorder(BlockStep):
 
 class ExpertRouting(BlockStep):
     """Routing statistics of each mixture-of-experts block (``ExpertStats``), from the experts
-    module's own inputs: the tokens, the experts the router chose and their weights."""
+    module's own inputs: the tokens, the experts the router chose and their weights; with
+    ``channels``, also each expert's intermediate channels over the tokens routed to it."""
 
-    def __init__(self, records: list[BlockStats]) -> None:
-        self.records = records
+    def __init__(self, records: list[BlockStats], channels: bool = False) -> None:
+        self.records, self.channels = records, channels
 
     def start(self, run: BlockRun) -> None:
         moe = find_moe(run.block)
         if moe is None:
             return
         record = self.records[run.index]
-        record.experts = ExpertStats.empty(moe.count, statistics_device(moe.experts.down_proj.device))
+        device = statistics_device(moe.experts.down_proj.device)
+        record.experts = ExpertStats.empty(moe.count, device, moe.width if self.channels else None)
         busy = False
 
         def hook(module, args, kwargs, _out):
@@ -425,6 +438,18 @@ class ExpertRouting(BlockStep):
                 busy = False
 
         run.hooks.append(moe.experts.register_forward_hook(hook, with_kwargs=True))
+
+    def finish(self, run: BlockRun) -> bool:
+        moe, stats = find_moe(run.block), self.records[run.index].experts
+        if moe is not None and stats.channel_energy is not None:
+            stats.down_norms = (
+                down_columns(moe.experts)
+                .detach()
+                .to(torch.float64)
+                .norm(dim=1)
+                .to(stats.channel_energy.device)
+            )
+        return False
 
 
 def statistic_steps(

@@ -74,6 +74,9 @@ def totals_table(result: Plan, cost: dict | None = None) -> Table:
             f"{result.experts_after} of {result.experts_before} kept "
             f"(expert sparsity {1 - result.experts_after / result.experts_before:.3f})",
         )
+        moe = next(i for i, n in enumerate(result.original_experts) if n is not None)
+        if result.widths[moe] != result.original_widths[moe]:
+            table.add_row("expert width", f"{result.original_widths[moe]} -> {result.widths[moe]} channels")
     else:
         table.add_row("target FFN sparsity", f"{result.target_sparsity:.3f}")
         table.add_row("realised FFN sparsity", f"{result.realised_sparsity:.3f}")
