@@ -48,6 +48,7 @@ VOCAB, SEQLEN, EXPERTS, TOP_K = 8192, 256, 32, 4
 EVAL_WINDOWS, CALIB_WINDOWS = 48, 32
 FRACTIONS, METRICS, SEEDS = (0.25, 0.5), ("reap", "frequency", "gate_mass", "random"), (0, 1)
 CHANNELS = "channels inside experts"  # the same share of expert parameters, as channels of every expert
+IMPORTANCE = "reap, importance counts"  # REAP's experts, with per-block counts from the coarse step
 
 
 # --------------------------------------------------------------------------- the corpora
@@ -283,6 +284,40 @@ def llamacpp_figures(root: Path) -> dict:
     return out
 
 
+def importance_counts(plan, fraction: float) -> list[int]:
+    """Per-MoE-block expert counts from the CFSP coarse step (block importance -> keep fractions),
+    rounded to whole experts within [top-k, E], with the same total as the uniform count."""
+    from cfsp.allocation import cfsp_keep_fractions
+    from cfsp.moe import kept_count
+
+    blocks = [i for i, n in enumerate(plan.original_experts) if n is not None]
+    count = plan.original_experts[blocks[0]]
+    importance = [plan.block_importance[i] for i in blocks]
+    keep = cfsp_keep_fractions(importance, fraction)
+    counts = [min(count, max(TOP_K, round(f * count))) for f in keep]
+    target = kept_count(count, fraction) * len(blocks)
+    order = sorted(range(len(blocks)), key=lambda j: importance[j])  # least important first
+    while sum(counts) > target:
+        j = next(j for j in order if counts[j] > TOP_K)
+        counts[j] -= 1
+    while sum(counts) < target:
+        j = next(j for j in reversed(order) if counts[j] < count)
+        counts[j] += 1
+    return counts
+
+
+def prune_with_counts(model, plan, counts: list[int]):
+    """A copy of ``model`` keeping, in MoE block j, its ``counts[j]`` best experts by the plan's scores
+    (in memory only: per-block counts have no stock checkpoint)."""
+    from cfsp.experts import choose_experts, keep_experts
+
+    pruned = copy.deepcopy(model)
+    moes = [(i, m) for i, m in enumerate(moe_blocks(decoder_blocks(pruned))) if m is not None]
+    for (index, moe), keep in zip(moes, counts, strict=True):
+        keep_experts(moe, choose_experts(torch.tensor(plan.expert_scores[index]), keep))
+    return pruned
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument(
@@ -306,7 +341,7 @@ def main() -> None:
         for domain in ("prose", "code"):
             for seed in SEEDS:
                 calib = windows(data[domain]["calibration"], CALIB_WINDOWS, seed=seed)
-                for metric in (*METRICS, CHANNELS):
+                for metric in (*METRICS, CHANNELS):  # and IMPORTANCE, beside reap
                     pruned = copy.deepcopy(model)
                     cut = {"expert_channel_sparsity": fraction} if metric == CHANNELS else {
                         "expert_sparsity": fraction, "expert_metric": metric}  # fmt: skip
@@ -339,7 +374,7 @@ def table(result: dict) -> str:
     ]
     for fraction in FRACTIONS:
         for domain in ("prose", "code"):
-            for metric in (*METRICS, CHANNELS):
+            for metric in (*METRICS, IMPORTANCE, CHANNELS):
                 runs = [
                     r
                     for r in result["runs"]

@@ -411,3 +411,20 @@ def test_channels_inside_experts_equal_silenced_channels(name, windows, tmp_path
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(stock(x).logits, got, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "deepseek-v3"])
+def test_a_parameter_budget_takes_whole_experts(name, windows):
+    """--total-sparsity on an MoE model: the nearest count of whole experts per block (whole groups'
+    worth under group-limited routing) to the share of all parameters asked for."""
+    model = build(name)
+    moes = [m for m in moe_blocks(decoder_blocks(model)) if m is not None]
+    step = moes[0].parameters_per_expert * len(moes) * moes[0].groups / count_parameters(model)
+    plan = cfsp.prune(model, windows, total_sparsity=0.3, progress=False)
+    removed = 1 - plan.params_after / plan.params_before
+    assert abs(removed - 0.3) <= step / 2 + 1e-9
+    assert plan.config.sparsity == 0.0 and plan.config.expert_sparsity > 0
+    counts = {k.numel() for k in plan.kept_experts if k is not None}
+    assert len(counts) == 1 and (moes[0].count - counts.pop()) % moes[0].groups == 0
+    with pytest.raises(CfspError, match="less than one routed expert"):
+        cfsp.prune(build(name), windows, total_sparsity=0.001, progress=False)

@@ -293,7 +293,8 @@ class PruneConfig:
     total_sparsity: float | None = option(
         None,
         "Budget mode: the share of all parameters to remove; the FFN sparsity is derived from it after "
-        "the attention cuts (dropped sublayers, KV groups) are counted (replaces --sparsity).",
+        "the attention cuts (dropped sublayers, KV groups) are counted (replaces --sparsity); on a "
+        "mixture-of-experts model, whole routed experts.",
     )
     sequential: bool = option(False, "Score each block on the already-pruned blocks' outputs.")
     allow_inexact: bool = option(False, "Warn instead of failing when the widths miss the sparsity.")

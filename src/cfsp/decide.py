@@ -32,7 +32,7 @@ from cfsp.config import HOLD_SHARE_OF_WEIGHTS, PruneConfig
 from cfsp.errors import CfspError
 from cfsp.layouts import ATTENTION, HeadShape
 from cfsp.models import block_mlp, check_supported, count_parameters, decoder_blocks, ffn_widths
-from cfsp.moe import check_expert_cut, decide_experts
+from cfsp.moe import check_expert_cut, decide_experts, with_expert_budget
 from cfsp.plan import Plan
 from cfsp.scoring import block_importance, block_scores, kv_group_scores, sublayer_importance
 from cfsp.statistics import BlockStats, statistic_steps
@@ -136,6 +136,7 @@ def decide(
     ``stats`` reuses an earlier ``calibrate`` of the same dense model."""
     if config.sequential and calib is None:
         raise CfspError("sequential pruning needs calibration windows (pass calib / --calib-source)")
+    config = with_expert_budget(config, model)  # a budget on a mixture-of-experts model: whole experts
     check_model(model, config, placement)
     if config.cuts_experts:
         return decide_experts(

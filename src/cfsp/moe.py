@@ -60,7 +60,6 @@ def check_expert_cut(model: nn.Module, config: PruneConfig) -> None:
         flag
         for flag, on in (
             ("--sparsity", config.sparsity),
-            ("--total-sparsity", config.total_sparsity is not None),
             ("--sequential", config.sequential),
             *((flag, True) for flag in config.attention.cuts),
         )
@@ -85,6 +84,41 @@ def check_expert_cut(model: nn.Module, config: PruneConfig) -> None:
                 "with it, e.g. shared experts), so --expert-channel-sparsity cannot give its stock checkpoint yet; "
                 "use --expert-sparsity"
             )
+
+
+def with_expert_budget(config: PruneConfig, model: nn.Module) -> PruneConfig:
+    """Budget mode on a mixture-of-experts model: ``total_sparsity`` of all parameters taken in whole
+    routed experts (the same number from every MoE block, and from every group under group-limited
+    routing), after any channels inside experts: the nearest count that routing allows."""
+    moes = [m for m in moe_blocks(decoder_blocks(model)) if m is not None]
+    if config.total_sparsity is None or not moes:
+        return config
+    total = count_parameters(model)
+    moe = moes[0]
+    per_expert = moe.parameters_per_expert
+    narrowed = (
+        kept_count(moe.width, config.expert_channel_sparsity) / moe.width
+        if config.expert_channel_sparsity
+        else 1.0
+    )
+    channels = (1 - narrowed) * per_expert * moe.count * len(moes)
+    wanted = (config.total_sparsity * total - channels) / (per_expert * narrowed * len(moes))
+    step = moe.groups  # experts removed per block come in whole groups' worth
+    removed = int(round(max(wanted, 0) / step)) * step
+    top_k = moe.top_k or 1
+    removed = min(removed, moe.count - max(top_k, 2 * step if step > 1 else top_k))
+    if removed <= 0 and not config.expert_channel_sparsity:
+        raise CfspError(
+            f"--total-sparsity {config.total_sparsity} is less than one routed expert per block on this model "
+            f"({per_expert * len(moes) / total:.4f} of its parameters); give a larger budget"
+        )
+    expert_sparsity = removed / moe.count
+    reached = (removed * per_expert * narrowed * len(moes) + channels) / total
+    log.info(
+        f"budget: {config.total_sparsity} of all parameters = {removed} of {moe.count} routed experts per "
+        f"block{' + channels inside experts' if channels else ''} ({reached:.4f} of the parameters)"
+    )
+    return config.with_changes(expert_sparsity=expert_sparsity, sparsity=0.0)
 
 
 def _stock_shapes_change(model: nn.Module, width: int, new_width: int) -> str | None:

@@ -75,7 +75,7 @@ class StreamedBlocks(InMemoryBlocks):
         self.writer: ShardWriter | None = None
         self.writing = False
         self.streams = True
-        self._stored: dict[int, dict[str, StoredTensor]] = {}
+        self._stored: dict[int, dict[str, StoredTensor | None]] = {}
 
     def block(self, index: int) -> nn.Module:
         return decoder_blocks(self.model)[index]
@@ -107,15 +107,15 @@ class StreamedBlocks(InMemoryBlocks):
         """What block ``index`` reads from the files, and where: its parameters, and its buffers
         that the checkpoint holds (Gemma 4's ``layer_scalar`` and DeepSeek's
         ``e_score_correction_bias`` are; rotary tables are not and keep their computed values)."""
-        if index not in self._stored:
-            block, prefix = self.block(index), f"{self.prefix}.{index}."
-            found = {}
-            for name, _ in [*block.named_parameters(), *block.named_buffers()]:
-                stored = stored_tensor(prefix, name, self.weights.files)
-                if stored is not None:
-                    found[name] = stored
-            self._stored[index] = found
-        return self._stored[index]
+        block, prefix = self.block(index), f"{self.prefix}.{index}."
+        known = self._stored.setdefault(index, {})  # the lookups, not the names: surgery changes those
+        found = {}
+        for name, _ in [*block.named_parameters(), *block.named_buffers()]:
+            if name not in known:
+                known[name] = stored_tensor(prefix, name, self.weights.files)
+            if known[name] is not None:
+                found[name] = known[name]
+        return found
 
     def before_capture(self, windows: torch.Tensor) -> torch.Tensor:
         """Load only the rows the windows use of every token-indexed table, and renumber the windows
