@@ -353,6 +353,13 @@ def main() -> None:
                     print(
                         {k: run[k] for k in ("fraction", "calibration", "seed", "metric", "ppl")}, flush=True
                     )
+                    if metric == "reap":  # the same scores, with per-block counts from block importance
+                        counts = importance_counts(plan, fraction)
+                        variant = prune_with_counts(model, plan, counts)
+                        result["runs"].append({"fraction": fraction, "calibration": domain, "seed": seed,
+                                               "metric": IMPORTANCE, "counts": counts,
+                                               "ppl": perplexities(variant, evaluation)})  # fmt: skip
+                        print(IMPORTANCE, counts, result["runs"][-1]["ppl"], flush=True)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             result["llamacpp"] = llamacpp_figures(Path(tmp))

@@ -68,10 +68,11 @@ def assert_llama_cpp_agrees(path, model, ids: torch.Tensor) -> None:
     assert perplexity(path, ids) == pytest.approx(float(torch.exp(nll)), rel=0.01)
 
 
-def cli_prune_args(folder, nsamples: int = 4) -> list[str]:
-    """``cfsp prune`` arguments for a tiny Llama saved in ``folder`` with a small text corpus."""
+def cli_prune_args(folder, nsamples: int = 4, model: torch.nn.Module | None = None) -> list[str]:
+    """``cfsp prune`` arguments for a tiny Llama (or ``model``) saved in ``folder`` with a small text
+    corpus."""
     source, corpus = folder / "m", folder / "corpus.txt"
-    make_tiny_model("llama").save_pretrained(source)
+    (model or make_tiny_model("llama")).save_pretrained(source)
     make_byte_tokenizer().save_pretrained(source)
     corpus.write_text("\n".join(f"sentence number {i} for calibration" for i in range(300)))
     return ["prune", "--model", str(source), "--calib-source", str(corpus), "--nsamples", str(nsamples),

@@ -71,6 +71,19 @@ def masked_routing(model: torch.nn.Module, removed: dict[int, torch.Tensor]):
                 tensor.copy_(value)
 
 
+def assert_equals_masked(
+    dense: torch.nn.Module, model: torch.nn.Module, plan: Plan, x: torch.Tensor
+) -> torch.Tensor:
+    """The pruned model's logits equal the dense model's with the removed experts masked out of
+    routing; returns them."""
+    with torch.no_grad(), masked_routing(dense, removed_experts(plan)):
+        want = dense(x).logits
+    with torch.no_grad():
+        got = model(x).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    return got
+
+
 def removed_experts(plan: Plan) -> dict[int, torch.Tensor]:
     out = {}
     for index, (kept, count) in enumerate(zip(plan.kept_experts, plan.original_experts, strict=True)):
@@ -95,11 +108,7 @@ def test_pruned_model_equals_masked_routing(name, windows, tmp_path):
     model = build(name)
     plan = cfsp.prune(model, windows, expert_sparsity=0.5, progress=False)
     x = windows[:2, :16]
-    with torch.no_grad(), masked_routing(dense, removed_experts(plan)):
-        want = dense(x).logits
-    with torch.no_grad():
-        got = model(x).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    got = assert_equals_masked(dense, model, plan, x)
     moes = moe_blocks(decoder_blocks(model))
     for moe, kept, count in zip(moes, plan.kept_experts, plan.original_experts, strict=True):
         assert (moe is None) == (kept is None)
@@ -264,26 +273,12 @@ def test_plan_round_trips_and_replays(windows, tmp_path):
 
 @pytest.mark.cli
 def test_cli_prunes_experts_into_a_stock_directory(tmp_path):
-    from conftest import make_byte_tokenizer
+    from conftest import cli_prune_args
     from typer.testing import CliRunner
 
     from cfsp.cli import app
 
-    source, corpus = tmp_path / "moe", tmp_path / "corpus.txt"
-    make_moe_model("qwen3-30b-a3b").save_pretrained(source)
-    make_byte_tokenizer().save_pretrained(source)
-    corpus.write_text("\n".join(f"sentence number {i} for calibration" for i in range(300)))
-    args = [
-        "prune",
-        "--model",
-        str(source),
-        "--calib-source",
-        str(corpus),
-        "--nsamples",
-        "4",
-        "--seqlen",
-        "32",
-    ]
+    args = cli_prune_args(tmp_path, model=make_moe_model("qwen3-30b-a3b"))
     runner = CliRunner()
     done = runner.invoke(app, [*args, "--expert-sparsity", "0.5", "--out", str(tmp_path / "out")])
     assert done.exit_code == 0, done.output
@@ -398,11 +393,7 @@ def test_channels_inside_experts_equal_silenced_channels(name, windows, tmp_path
     plan = cfsp.prune(model, windows, expert_sparsity=0.25, expert_channel_sparsity=0.25, progress=False)
     zero_removed_channels(dense, plan)
     x = windows[:2, :16]
-    with torch.no_grad(), masked_routing(dense, removed_experts(plan)):
-        want = dense(x).logits
-    with torch.no_grad():
-        got = model(x).logits
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    got = assert_equals_masked(dense, model, plan, x)
     for moe in moe_blocks(decoder_blocks(model)):
         if moe is not None:
             assert moe.width == width - round(width * 0.25)
