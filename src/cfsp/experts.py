@@ -24,6 +24,7 @@ COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_e
 TOP_K_KEYS = ("num_experts_per_tok", "top_k_experts", "moe_k", "moe_topk", "top_k")
 GROUP_KEYS = ("n_group", "num_group")
 GROUP_TOP_K_KEYS = ("topk_group",)
+WIDTH_KEYS = ("moe_intermediate_size", "intermediate_size")  # the experts' width, first the one that holds it
 EXPERTS_MODULE = "experts"
 ROUTER_MODULES = ("gate", "router")
 MOE_FAMILIES = (
@@ -119,13 +120,6 @@ def moe_blocks(blocks) -> list[MoeBlock | None]:
     return [find_moe(block) for block in blocks]
 
 
-def is_moe(model: nn.Module) -> bool:
-    from cfsp.layouts import decoder_layers
-
-    layers = decoder_layers(model)
-    return layers is not None and any(find_moe(b) is not None for b in layers)
-
-
 def check_expert_count(moe: MoeBlock, keep: int, where: str) -> None:
     """What routing needs of the kept count: at least top-k experts, and with group-limited routing
     the same number in every group, enough for the groups it picks."""
@@ -158,9 +152,6 @@ def choose_experts(scores: torch.Tensor, keep: int, groups: int = 1) -> torch.Te
     order = torch.argsort(per_group, dim=1, descending=True, stable=True)[:, :take]
     kept = order + torch.arange(groups, device=order.device).unsqueeze(1) * size
     return torch.sort(kept.flatten()).values.cpu()
-
-
-WIDTH_KEYS = ("moe_intermediate_size", "intermediate_size")  # the config key of the experts' width, in order
 
 
 def expert_intermediate(experts: nn.Module, hidden: torch.Tensor, expert: int) -> torch.Tensor:
