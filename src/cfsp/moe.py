@@ -28,6 +28,7 @@ from cfsp.experts import (
     set_expert_count,
     set_expert_width,
 )
+from cfsp.layouts import decoder_layers
 from cfsp.models import active_parameters, count_parameters, decoder_blocks, ffn_widths
 from cfsp.plan import Plan
 from cfsp.scoring import block_importance, expert_channel_scores, expert_scores, sublayer_importance
@@ -90,8 +91,9 @@ def with_expert_budget(config: PruneConfig, model: nn.Module) -> PruneConfig:
     """Budget mode on a mixture-of-experts model: ``total_sparsity`` of all parameters taken in whole
     routed experts (the same number from every MoE block, and from every group under group-limited
     routing), after any channels inside experts: the nearest count that routing allows."""
-    moes = [m for m in moe_blocks(decoder_blocks(model)) if m is not None]
-    if config.total_sparsity is None or not moes:
+    layers = decoder_layers(model) if config.total_sparsity is not None else None
+    moes = [m for m in moe_blocks(layers) if m is not None] if layers is not None else []
+    if not moes:  # no budget, or not an MoE model (unsupported ones are named by check_model)
         return config
     total = count_parameters(model)
     moe = moes[0]
