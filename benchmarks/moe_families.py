@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
+from conftest import llama_cpp_agreement  # noqa: E402
 from real_models import MOE_CONFIGS, MOE_DEFAULT_CONFIGS, make_moe_model  # noqa: E402
 from test_export import smollm2_tokenizer  # noqa: E402
 from test_moe import masked_routing, removed_experts  # noqa: E402
@@ -37,17 +38,6 @@ from cfsp.outdir import dumps, write_text_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MARK = {True: "✔", False: "✘", None: "—"}
-
-
-def gguf_agrees(path: Path, model, ids: torch.Tensor) -> dict:
-    from cfsp.llamacpp import perplexity, token_logits
-
-    with torch.no_grad():
-        reference = model(ids).logits
-    top1 = float((token_logits(path, ids).argmax(-1) == reference.argmax(-1)).float().mean())
-    nll = torch.nn.functional.cross_entropy(reference[0, :-1], ids[0, 1:])
-    ppl_hf, ppl_cpp = float(torch.exp(nll)), float(perplexity(path, ids))
-    return {"top1": top1, "ppl_transformers": ppl_hf, "ppl_llamacpp": ppl_cpp}
 
 
 def check(name: str, root: Path, tokenizer, calib: torch.Tensor, ids: torch.Tensor) -> dict:
@@ -82,7 +72,7 @@ def check(name: str, root: Path, tokenizer, calib: torch.Tensor, ids: torch.Tens
         row["stock_load"], row["stock_error"] = False, f"{type(exc).__name__}: {exc}"[:200]
     try:
         export_gguf(root / "out", root / "m.gguf", "f32", progress=False)
-        row.update(gguf_agrees(root / "m.gguf", model, ids))
+        row.update(llama_cpp_agreement(root / "m.gguf", model, ids))
         row["gguf"] = row["top1"] >= 0.98 and abs(row["ppl_llamacpp"] / row["ppl_transformers"] - 1) <= 0.01
     except BaseException as exc:  # noqa: BLE001 - includes the converter's SystemExit
         row["gguf"], row["gguf_error"] = False, f"{type(exc).__name__}: {exc}"[:300]

@@ -56,16 +56,28 @@ def make_tiny_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
-def assert_llama_cpp_agrees(path, model, ids: torch.Tensor) -> None:
-    """llama.cpp running the GGUF ``path`` predicts the next tokens of ``ids`` [1, L] like ``model``
-    in transformers (>= 98 % top-1) with the perplexity within 1 %."""
+def llama_cpp_agreement(path, model, ids: torch.Tensor) -> dict:
+    """How llama.cpp running the GGUF ``path`` agrees with ``model`` in transformers on ``ids`` [1, L]:
+    the share of equal next-token predictions and both perplexities."""
     from cfsp.llamacpp import perplexity, token_logits
 
     with torch.no_grad():
         reference = model(ids).logits
-    assert (token_logits(path, ids).argmax(-1) == reference.argmax(-1)).float().mean() >= 0.98
+    top1 = float((token_logits(path, ids).argmax(-1) == reference.argmax(-1)).float().mean())
     nll = torch.nn.functional.cross_entropy(reference[0, :-1], ids[0, 1:])
-    assert perplexity(path, ids) == pytest.approx(float(torch.exp(nll)), rel=0.01)
+    return {
+        "top1": top1,
+        "ppl_transformers": float(torch.exp(nll)),
+        "ppl_llamacpp": float(perplexity(path, ids)),
+    }
+
+
+def assert_llama_cpp_agrees(path, model, ids: torch.Tensor) -> None:
+    """llama.cpp running the GGUF ``path`` predicts the next tokens of ``ids`` [1, L] like ``model``
+    in transformers (>= 98 % top-1) with the perplexity within 1 %."""
+    agreement = llama_cpp_agreement(path, model, ids)
+    assert agreement["top1"] >= 0.98
+    assert agreement["ppl_llamacpp"] == pytest.approx(agreement["ppl_transformers"], rel=0.01)
 
 
 def cli_prune_args(folder, nsamples: int = 4, model: torch.nn.Module | None = None) -> list[str]:
