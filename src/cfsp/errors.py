@@ -5,6 +5,10 @@ class CfspError(ValueError):
     """A problem with the user's input, with a message that names the problem and the fix."""
 
 
+class PeerFailed(CfspError):
+    """Another process of a multi-process run failed (and reported it); this one stops quietly."""
+
+
 class Terminated(BaseException):
     """SIGTERM or SIGHUP arrived; raised so that cleanup runs as it does for Ctrl-C."""
 

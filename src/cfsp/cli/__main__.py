@@ -1,5 +1,5 @@
-"""``python -m cfsp.cli``."""
+"""``python -m cfsp.cli`` (the same as ``python -m cfsp``)."""
 
 from cfsp.cli import app
 
-app()
+app(prog_name="cfsp")

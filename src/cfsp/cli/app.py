@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import signal
 from pathlib import Path
 from typing import Annotated
@@ -11,7 +12,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from cfsp.errors import CfspError, Terminated
+from cfsp.errors import CfspError, PeerFailed, Terminated
 
 app = typer.Typer(
     help="Structured FFN pruning for LLMs (CFSP and baselines), evaluation, benchmarks and recovery.",
@@ -48,7 +49,8 @@ def _root() -> None:
     logger = logging.getLogger("cfsp")
     if not any(isinstance(h, _ConsoleHandler) for h in logger.handlers):
         logger.addHandler(_ConsoleHandler())
-        logger.setLevel(logging.INFO)
+        # Under torchrun every process runs the command; rank 0 alone speaks, others only of errors.
+        logger.setLevel(logging.INFO if os.environ.get("RANK", "0") == "0" else logging.ERROR)
 
 
 def _fail(message: str, code: int) -> typer.Exit:
@@ -67,6 +69,8 @@ def friendly_errors(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
+        except PeerFailed:
+            raise typer.Exit(2) from None  # the process that failed has said why
         except CfspError as exc:
             raise _fail(str(exc), 2) from None
         except KeyboardInterrupt:

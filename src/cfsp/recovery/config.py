@@ -31,10 +31,12 @@ DEFAULT_TARGETS: tuple[str, ...] = (
     "fc1",
 )
 OBJECTIVES = ("lm", "kd", "lm+kd")  # next-token loss, distillation from the dense model, or both
-TRAINED = ("lora", "mlp")  # (IG-)LoRA adapters merged afterwards, or the pruned MLP weights themselves
+# (IG-)LoRA adapters merged afterwards, the pruned MLP weights themselves, or every weight but the
+# embeddings and the output head
+TRAINED = ("lora", "mlp", "all")
 # Learning rates of the recovery benchmark (benchmarks/recovery.py): adapters start at zero and take
 # a larger step than full weights.
-DEFAULT_LR = {"lora": 5e-4, "mlp": 1e-4}
+DEFAULT_LR = {"lora": 5e-4, "mlp": 1e-4, "all": 1e-4}
 
 
 @dataclass
@@ -53,10 +55,18 @@ class RecoveryConfig:
     target_modules: tuple[str, ...] = option(
         DEFAULT_TARGETS, "Projections that get adapters, comma-separated (those a model lacks are skipped)."
     )
-    steps: int = option(200, "Optimizer steps.")
+    steps: int = option(200, "Optimizer steps (set from --max-tokens when that is given).")
+    max_tokens: int | None = option(
+        None, "Training budget in tokens: steps = max_tokens / tokens per step (global batch)."
+    )
     lr: float | None = option(None, "Learning rate (default: 5e-4 for lora, 1e-4 for mlp).")
     batch_size: int = option(4, "Examples per step and device.")
-    grad_accum: int = option(4, "Gradient accumulation steps.")
+    grad_accum: int = option(4, "Gradient accumulation steps (set from --batch-tokens when given).")
+    batch_tokens: int | None = option(
+        None,
+        "Global batch in tokens per optimizer step, over all processes: sets the gradient accumulation, "
+        "so a run keeps its batch on any process count.",
+    )
     seqlen: int = option(256, "Maximum tokens per example.")
     max_samples: int | None = option(None, "Use at most this many training examples.")
     warmup_steps: int = option(0, "Learning-rate warm-up steps.")
@@ -67,14 +77,32 @@ class RecoveryConfig:
     save_total_limit: int | None = option(3, "Checkpoints kept (older ones are deleted).")
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass (less memory).")
     bf16: bool = option(False, "bfloat16 mixed precision (on a GPU that has it).")
+    fsdp: bool = option(
+        False,
+        "Under torchrun/accelerate: shard student and teacher over the processes (PyTorch FSDP2) "
+        "instead of replicating them (DDP).",
+    )
+    max_grad_norm: float = option(1.0, "Clip the gradient norm to this (0: no clipping).")
+    eval_steps: int | None = option(None, "Report the held-out next-token loss every N steps.")
+    eval_windows: int = option(
+        32, "Held-out examples for --eval-steps: the first ones of the data, never trained on."
+    )
     seed: int = option(0, "Seed.")
     objective: str = option(
         "lm", "lm (next-token loss), kd (distil the dense model) or lm+kd.", choices=OBJECTIVES
     )
     train: str = option(
-        "lora", "lora (adapters, merged afterwards) or mlp (the pruned MLP weights).", choices=TRAINED
+        "lora",
+        "lora (adapters, merged afterwards), mlp (the pruned MLP weights) or all (every block weight).",
+        choices=TRAINED,
     )
     kd_temperature: float = option(1.0, "Distillation temperature.")
+    kd_top_k: int | None = option(
+        None, "Distil from the teacher's k most likely tokens only (default: the whole vocabulary)."
+    )
+    loss_chunk: int = option(
+        1024, "Token positions whose logits are made at once (loss memory grows with this x vocabulary)."
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, str):  # the command line's comma-separated list
@@ -92,7 +120,13 @@ class RecoveryConfig:
             "grad_accum": self.grad_accum,
             "logging_steps": self.logging_steps,
             "save_steps": self.save_steps,
+            "loss_chunk": self.loss_chunk,
+            "eval_windows": self.eval_windows,
         }
+        for name in ("max_tokens", "batch_tokens", "eval_steps", "kd_top_k"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise CfspError(f"recovery {name} must be >= 1 or unset, got {value}")
         for name, value in positive.items():
             if value < 1:
                 raise CfspError(f"recovery {name} must be >= 1, got {value}")
@@ -101,6 +135,7 @@ class RecoveryConfig:
             "dropout": self.dropout,
             "weight_decay": self.weight_decay,
             "kd_temperature": self.kd_temperature,
+            "max_grad_norm": self.max_grad_norm,
         }
         if self.alpha is not None:
             numbers["alpha"] = self.alpha
@@ -117,6 +152,8 @@ class RecoveryConfig:
             raise CfspError(f"learning rate must be > 0, got {self.lr}")
         if self.objective not in OBJECTIVES:
             raise CfspError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        if self.max_grad_norm < 0:
+            raise CfspError(f"max_grad_norm must be >= 0, got {self.max_grad_norm}")
         if self.kd_temperature <= 0:
             raise CfspError(f"kd_temperature must be > 0, got {self.kd_temperature}")
         if self.seqlen < 2:

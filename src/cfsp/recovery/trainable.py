@@ -52,13 +52,17 @@ def attach_lora(model: nn.Module, ranks: Sequence[int], config: RecoveryConfig):
     return get_peft_model(model, build_lora_config(model, ranks, config))
 
 
-def train_mlp_weights(model: nn.Module) -> dict[str, Any]:
-    """Freeze everything but the MLP weights (and biases) of the decoder blocks: full fine-tuning of
-    exactly the part pruning changed. Returns the budget record ``recover`` reports."""
+def train_block_weights(model: nn.Module, which: str = "mlp") -> dict[str, Any]:
+    """Freeze everything but the weights (and biases) that train: ``mlp``, the MLPs of the decoder
+    blocks, exactly the part pruning changed; ``all``, every block weight (embeddings and output
+    head stay frozen: they are the largest matrices and pruning did not touch them). Returns the
+    budget record ``recover`` reports."""
+    if which not in ("mlp", "all"):
+        raise CfspError(f"unknown --train {which!r} for block weights; use mlp or all")
     model.requires_grad_(False)
     for block in models.decoder_blocks(model):
-        models.block_mlp(block).requires_grad_(True)
-    return {"train": "mlp", "trainable_params": count_trainable(model)}
+        (models.block_mlp(block) if which == "mlp" else block).requires_grad_(True)
+    return {"train": which, "trainable_params": count_trainable(model)}
 
 
 def count_trainable(model: nn.Module) -> int:
