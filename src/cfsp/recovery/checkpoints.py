@@ -22,10 +22,9 @@ from typing import Any
 from torch import nn
 
 from cfsp.errors import CfspError
-
-# One process needs no process group; DCP says so on every save and load.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 from cfsp.recovery.distributed import Cluster
+
+_NO_GROUP = "torch.distributed is disabled, unavailable or uninitialized"  # DCP's note on one process
 
 STATE_FILE = "cfsp_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -115,11 +114,9 @@ def save_checkpoint(
         staging.mkdir()
     cluster.barrier()
     model_state, optim_state = _state_dicts(wrapped, optimizer)
-    dcp.save(
-        {"model": model_state, "optim": optim_state},
-        checkpoint_id=str(staging),
-        no_dist=not cluster.distributed,
-    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_GROUP)
+        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(staging))
     cluster.barrier()
     if cluster.main:
         (staging / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
@@ -140,7 +137,9 @@ def load_checkpoint(checkpoint: str | os.PathLike, wrapped: nn.Module, optimizer
 
     model_state, optim_state = _state_dicts(wrapped, optimizer)
     loaded = {"model": model_state, "optim": optim_state}
-    dcp.load(loaded, checkpoint_id=str(checkpoint))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_NO_GROUP)
+        dcp.load(loaded, checkpoint_id=str(checkpoint))
     set_state_dict(
         wrapped,
         optimizer,
