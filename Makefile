@@ -42,7 +42,7 @@ test: $(STAMP)
 	.venv/bin/mkdocs build --strict --quiet --site-dir .site
 
 test-unit: $(STAMP)
-	$(PY) -m pytest -q -m "not integration and not cli and not families and not llamacpp"
+	$(PY) -m pytest -q -m "not integration and not cli and not families and not llamacpp and not distributed"
 
 lint: $(STAMP)
 	.venv/bin/ruff check src tests benchmarks

@@ -86,3 +86,95 @@ def test_a_checkpoint_of_two_sharded_processes_resumes_in_one(tmp_path, corpus):
         tmp_path, "rest", 1, corpus, resume=True, steps=5, checkpoints=tmp_path / "split", **settings
     )
     assert_same_run(whole, {**resumed, "processes": 2}, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- the command line
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory, corpus):
+    from conftest import make_byte_tokenizer, make_tiny_model
+    from typer.testing import CliRunner
+
+    from cfsp.cli import app
+
+    root = tmp_path_factory.mktemp("cli")
+    make_tiny_model("llama").save_pretrained(root / "tiny")
+    make_byte_tokenizer().save_pretrained(root / "tiny")
+    text = root / "calib.txt"
+    text.write_text("\n".join(f"sentence number {i} for calibration" for i in range(300)))
+    args = ["prune", "--model", str(root / "tiny"), "--calib-source", str(text), "--nsamples", "4"]
+    done = CliRunner().invoke(
+        app, [*args, "--seqlen", "32", "--multiple", "32", "--out", str(root / "pruned")]
+    )
+    assert done.exit_code == 0, done.output
+    return root / "pruned"
+
+
+def run_cli(tmp_path, args, env_extra=None, logs=None):
+    command = [*TORCHRUN]
+    if logs is not None:
+        command += ["--log-dir", str(logs), "--redirects", "3"]
+    command += [str(HERE / "distributed_cli.py"), *args]
+    env = {**_env(), **(env_extra or {})}
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+
+def rank_log(logs, rank: int, stream: str) -> str:
+    (path,) = logs.rglob(f"{rank}/{stream}.log")
+    return path.read_text()
+
+
+def test_the_command_runs_on_two_processes_and_rank_0_alone_writes(tmp_path, pruned, corpus):
+    out = tmp_path / "recovered"
+    args = ["recover", str(pruned), "--out", str(out), "--data", str(corpus), "--seqlen", "16"]
+    args += ["--steps", "2", "--batch-size", "2", "--batch-tokens", "64", "--objective", "kd", "--fsdp"]
+    done = run_cli(tmp_path, args, logs=tmp_path / "logs")
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    import cfsp
+
+    recovery = cfsp.read_plan(out)["recovery"]
+    assert (recovery["processes"], recovery["sharded"], recovery["steps"]) == (2, True, 2)
+    assert recovery["tokens_seen"] == 2 * 64
+    assert "saved to" in rank_log(tmp_path / "logs", 0, "stdout")
+    assert rank_log(tmp_path / "logs", 1, "stdout").strip() == ""
+    assert "recovery" not in rank_log(tmp_path / "logs", 1, "stderr")  # no progress bar, no log lines
+    model, _ = cfsp.load_pruned(out)
+    assert model.config.num_hidden_layers == 4
+    # Every process saw the same output reservation: a second run into OUT fails on all with one line.
+    again = run_cli(tmp_path, args, logs=tmp_path / "logs2")
+    assert again.returncode != 0
+    assert "is not empty" in rank_log(tmp_path / "logs2", 0, "stderr")
+    assert "error" not in rank_log(tmp_path / "logs2", 1, "stderr")
+
+
+def test_a_rank_that_dies_leaves_no_output(tmp_path, pruned, corpus):
+    out = tmp_path / "recovered"
+    checkpoints = tmp_path / "recovered.checkpoints"
+    args = [
+        "recover",
+        str(pruned),
+        "--out",
+        str(out),
+        "--data",
+        str(corpus),
+        "--seqlen",
+        "16",
+        "--steps",
+        "40",
+    ]
+    args += ["--batch-size", "2", "--batch-tokens", "64", "--save-steps", "1"]
+    done = run_cli(tmp_path, args, env_extra={"KILL_RANK1_WHEN": str(checkpoints / "checkpoint-2")})
+    assert done.returncode != 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "recovered.checkpoints"
+    ]  # no OUT, no staging folder
+    saved = {p.name for p in checkpoints.iterdir()}
+    assert "checkpoint-2" in saved and not any(name.startswith(".") for name in saved)  # no half checkpoint
+
+
+def test_python_dash_m_cfsp_is_the_command_line():
+    done = subprocess.run(
+        [sys.executable, "-m", "cfsp", "recover", "--help"], env=_env(), capture_output=True, text=True
+    )
+    assert done.returncode == 0 and "--fsdp" in done.stdout and "--batch-tokens" in done.stdout

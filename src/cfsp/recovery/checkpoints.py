@@ -112,17 +112,22 @@ def save_checkpoint(
         folder.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(staging, ignore_errors=True)  # a leftover of a killed run at this very step
         staging.mkdir()
-    cluster.barrier()
-    model_state, optim_state = _state_dicts(wrapped, optimizer)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_NO_GROUP)
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(staging))
-    cluster.barrier()
-    if cluster.main:
-        (staging / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
-        if final.exists():  # the same step saved by an earlier run that was resumed from before it
-            shutil.rmtree(final)
-        staging.rename(final)
+    try:
+        cluster.barrier()
+        model_state, optim_state = _state_dicts(wrapped, optimizer)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_NO_GROUP)
+            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(staging))
+        cluster.barrier()
+        if cluster.main:
+            (staging / STATE_FILE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+            if final.exists():  # the same step saved by an earlier run that was resumed from before it
+                shutil.rmtree(final)
+            staging.rename(final)
+    except BaseException:
+        if cluster.main:  # a process died or a signal came mid-save: no half-written checkpoint stays
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
         if keep is not None:
             for _, old in checkpoints_in(folder)[:-keep]:
                 shutil.rmtree(old)
