@@ -92,6 +92,15 @@ print(json.dumps({"reconstruct_bfloat16_prune_s": round(time.perf_counter() - st
                   "reconstruct_float32_ppl": rows[-1]["ppl_before"]}))
 PYTHON
 
+# The recovery token curve of benchmarks/recovery_curve.py at GPU scale: SmolLM2 at 50 %, distilled
+# from the dense model, bf16, 64 windows of 1024 tokens per step, scored on WikiText-2 test at 1M, 4M,
+# 10M and 20M tokens. Set RECOVERY_CORPUS to a folder of general-text shards; without it the corpus is
+# the shipped WikiText-2 validation split (about 0.25M tokens, so 20M tokens repeat it some 80 times:
+# a check of speed and mechanics, not of quality). Results: benchmarks/results/recovery_curve_smollm2_gpu.*
+timeout 480 "$PY" benchmarks/recovery_curve.py --tokens 1048576,4194304,10485760,20971520 --seeds 0 \
+  --trained "all block weights,LoRA" --reconstruct "" --batch-size 64 --seqlen 1024 --bf16 \
+  --corpus "${RECOVERY_CORPUS:-wikitext2}" --suffix _gpu || echo "recovery curve: stopped at its 8-minute limit"
+
 # vLLM: serve the dense SmolLM2 and its 50 % pruned `--format vllm` export (DeciLM layout, per-block
 # widths) on the GPU, compare greedy continuations with transformers on the same GPU, and time
 # decoding dense vs pruned. vLLM is installed here, in its own environment, from the registry.

@@ -34,11 +34,19 @@ def gap_closed(dense: float, before: float, after: float) -> float:
     return (math.log(before) - math.log(after)) / (math.log(before) - math.log(dense))
 
 
-def corpus_folder(root: Path) -> Path:
-    """A corpus folder holding WikiText-2 validation: recovery reads it as a stream of shards."""
+def corpus_folder(root: Path, names: list[str]) -> Path:
+    """A corpus folder of the named shipped sets, one shard each: recovery reads it as a stream."""
     folder = root / "corpus"
     folder.mkdir()
-    (folder / "wikitext2-validation.jsonl").symlink_to(resolve_recovery_source("wikitext2")[0])
+    for index, name in enumerate(names):
+        given = Path(name).expanduser()
+        paths = (
+            sorted(p for p in given.rglob("*") if p.is_file())
+            if given.is_dir()
+            else resolve_recovery_source(name)
+        )
+        for number, path in enumerate(paths):
+            (folder / f"{index:02d}-{number:05d}-{path.name}").symlink_to(path.resolve())
     return folder
 
 
@@ -63,6 +71,7 @@ def curve(
             save_total_limit=1,
             logging_steps=max(1, steps // 4),
             seed=seed,
+            bf16=args.bf16,
         )
         began = time.perf_counter()
         result = recover(
@@ -162,10 +171,15 @@ def main() -> None:
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--ppl-windows", type=int, default=32)
     parser.add_argument("--ppl-seqlen", type=int, default=512)
+    parser.add_argument(
+        "--corpus", default="wikitext2", help="shipped text sets or corpus folders, comma-separated"
+    )
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (a GPU)")
+    parser.add_argument("--suffix", default="", help="added to the result file names")
     parser.add_argument("--resume", action="store_true", help="keep the rows of an earlier run and skip them")
     args = parser.parse_args()
     args.tokens = [int(t) for t in args.tokens.split(",")]
-    path = RESULTS / f"recovery_curve_{args.model}"
+    path = RESULTS / f"recovery_curve_{args.model}{args.suffix}"
     import json
 
     rows = (
@@ -176,7 +190,7 @@ def main() -> None:
     meta = dict(
         when=stamp(),
         model=args.model,
-        data="WikiText-2 validation (a corpus folder)",
+        data=f"{args.corpus} (a corpus folder)",
         batch_size=args.batch_size,
         seqlen=args.seqlen,
         ppl_windows=args.ppl_windows,
@@ -189,7 +203,7 @@ def main() -> None:
             plan += [("reconstruct", label, seed) for label in args.reconstruct.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        corpus = corpus_folder(work)
+        corpus = corpus_folder(work, args.corpus.split(","))
         setups: dict[int, object] = {}
         starts: dict[tuple[str, int], tuple] = {}
         for start, label, seed in plan:

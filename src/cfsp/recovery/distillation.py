@@ -159,13 +159,14 @@ class RecoveryLoss(nn.Module):
         )
         if teacher_hidden is None:
             return lm, zero
+        scale = 1.0 / self.temperature
         with torch.no_grad():
-            teacher = head_logits(self.teacher, teacher_hidden).to(logits.device).float() / self.temperature
+            teacher = head_logits(self.teacher, teacher_hidden).to(logits.device).float()
             if self.top_k is not None:
                 teacher, indices = teacher.topk(min(self.top_k, teacher.shape[-1]), dim=-1)
-            teacher = F.log_softmax(teacher, -1)
-        student = F.log_softmax(logits / self.temperature, -1)
+            teacher = F.log_softmax(teacher * scale if scale != 1 else teacher, -1)
+        student = F.log_softmax(logits * scale if scale != 1 else logits, -1)
         if self.top_k is not None:
             student = student.gather(-1, indices)
-        kd = (teacher.exp() * (teacher - student)).sum() * self.temperature**2
+        kd = F.kl_div(student, teacher, log_target=True, reduction="sum") * self.temperature**2
         return lm, kd

@@ -166,10 +166,10 @@ def _gathered(wrapped: nn.Module, frame: nn.Module | None, cluster: Cluster) -> 
     """The sharded student's full weights, on rank 0's CPU, in ``frame`` (every process takes part)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    state = get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    student = get_model_state_dict(wrapped.student, options=options)  # the teacher stays where it is
     if not cluster.main:
         return None
-    student = {k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")}
     base = frame.get_base_model() if hasattr(frame, "get_base_model") else frame
     base.load_state_dict(student, assign=True, strict=False)
     missing = [name for name, p in base.named_parameters() if p.is_meta]
@@ -250,7 +250,8 @@ def recover(
         raise CfspError("the recovery data set is empty; give a file with at least one example")
     held_out = _held_out(dataset, config)
     set_seed(config.seed)  # LoRA A init is reproducible
-    if cluster.distributed:
+    sharded = cluster.distributed and config.fsdp
+    if cluster.distributed and not sharded:  # FSDP moves each block to the device as it shards it
         model.to(cluster.device)
         if teacher is not None:
             teacher.to(cluster.device)
@@ -272,7 +273,6 @@ def recover(
     objective = RecoveryLoss(
         student, teacher, config.objective, config.kd_temperature, config.kd_top_k, config.loss_chunk
     )
-    sharded = cluster.distributed and config.fsdp
     frame = _meta_copy(trained) if sharded and cluster.main else None
     wrapped = wrap(objective, cluster, config.fsdp, config.bf16)
     decay = [p for p in wrapped.parameters() if p.requires_grad and p.ndim >= 2]
