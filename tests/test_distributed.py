@@ -148,6 +148,42 @@ def test_the_command_runs_on_two_processes_and_rank_0_alone_writes(tmp_path, pru
     assert "error" not in rank_log(tmp_path / "logs2", 1, "stderr")
 
 
+def test_accelerate_launch_runs_the_same_command(tmp_path, pruned, corpus):
+    accelerate = Path(sys.executable).with_name("accelerate")
+    out = tmp_path / "recovered"
+    args = [
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "-m",
+        "cfsp",
+        "recover",
+        str(pruned),
+        "--out",
+        str(out),
+    ]
+    args += [
+        "--data",
+        str(corpus),
+        "--seqlen",
+        "16",
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--batch-tokens",
+        "64",
+    ]
+    done = subprocess.run(
+        [str(accelerate), *args], env=_env(), capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    import cfsp
+
+    assert cfsp.read_plan(out)["recovery"]["processes"] == 2
+
+
 def test_a_rank_that_dies_leaves_no_output(tmp_path, pruned, corpus):
     out = tmp_path / "recovered"
     checkpoints = tmp_path / "recovered.checkpoints"

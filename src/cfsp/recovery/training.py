@@ -323,36 +323,22 @@ def recover(
         )
     run_losses: list[float] = []
     window: list[float] = []
-    began = time.perf_counter()
+    began, tokens_before = time.perf_counter(), tokens_seen
     progress = _progress(steps, start_step, cluster.main)
     for step in range(start_step + 1, steps + 1):
         torch.manual_seed(config.seed * 1_000_003 + step * 7_919 + cluster.rank)  # dropout: resumable
         micro = [next(batches) for _ in range(accum)]
-        counts = cluster.sum([sum(token_counts(b)[i] for b in micro) for i in (0, 1)])
-        lm_count, kd_count = max(counts[0], 1.0), max(counts[1], 1.0)
-        step_loss = step_tokens = 0.0
-        for index, batch in enumerate(micro):
-            batch = {k: v.to(cluster.device) for k, v in batch.items()}
-            skip_gradient_sync(wrapped, index < accum - 1)
-            with autocast():
-                lm, kd = wrapped(**batch)
-            loss = lm / lm_count + kd / kd_count
-            (loss * cluster.world).backward()  # the engines average gradients over processes
-            step_loss += float(loss.detach())
-            step_tokens += float(batch["attention_mask"].sum())
+        step_loss, step_tokens = _accumulate(wrapped, micro, cluster, autocast)
         norm = _clip(wrapped, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        step_loss, step_tokens = cluster.sum([step_loss, step_tokens])
-        tokens_seen += int(step_tokens)
+        tokens_seen += step_tokens
         run_losses.append(step_loss)
         window.append(step_loss)
         progress.update(1)
         elapsed = time.perf_counter() - began
-        progress.set_postfix(
-            loss=f"{step_loss:.4f}", tok_s=f"{(tokens_seen - _tokens_at(history, start_step)) / elapsed:,.0f}"
-        )
+        progress.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{(tokens_seen - tokens_before) / elapsed:,.0f}")
         if step % config.logging_steps == 0 or step == steps:
             history.append(
                 {
@@ -418,9 +404,25 @@ def recover(
     )
 
 
-def _tokens_at(history: list[dict], step: int) -> int:
-    """Tokens seen when this call started (after a resume, those of the checkpoint)."""
-    return max([e.get("tokens", 0) for e in history if e["step"] <= step] or [0])
+def _accumulate(wrapped: nn.Module, micro: list[dict], cluster: Cluster, autocast) -> tuple[float, int]:
+    """Forward and backward of one step's micro-batches; returns the step's loss and tokens over all
+    processes. Token losses are divided by the step's token count over all processes, so the
+    gradient is the same however the step is split; the engines average it over processes, hence
+    the factor ``world``."""
+    counts = cluster.sum([sum(token_counts(b)[i] for b in micro) for i in (0, 1)])
+    lm_count, kd_count = max(counts[0], 1.0), max(counts[1], 1.0)
+    step_loss = step_tokens = 0.0
+    for index, batch in enumerate(micro):
+        batch = {k: v.to(cluster.device) for k, v in batch.items()}
+        skip_gradient_sync(wrapped, index < len(micro) - 1)
+        with autocast():
+            lm, kd = wrapped(**batch)
+        loss = lm / lm_count + kd / kd_count
+        (loss * cluster.world).backward()
+        step_loss += float(loss.detach())
+        step_tokens += float(batch["attention_mask"].sum())
+    step_loss, step_tokens = cluster.sum([step_loss, step_tokens])
+    return step_loss, int(step_tokens)
 
 
 def _clip(wrapped: nn.Module, max_norm: float) -> float | None:
