@@ -48,19 +48,27 @@ def data_file(relative: str, root: str | os.PathLike | None = None) -> Path:
     return path
 
 
-def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
-    """Yield JSON objects from a JSONL file; a malformed line is reported by its number."""
-    with open(path, encoding="utf-8") as handle:
+def json_lines(path: str | os.PathLike) -> Iterator[tuple[int, object]]:
+    """``(line number, parsed value or the JSONDecodeError)`` for each non-blank line of a JSONL
+    file: the caller decides whether a bad line stops it (``read_jsonl``) or is skipped (streams)."""
+    with open(path, encoding="utf-8", errors="replace") as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError as exc:
-                raise CfspError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict):
-                raise CfspError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
-            yield row
+                yield number, exc
+
+
+def read_jsonl(path: str | os.PathLike) -> Iterator[dict]:
+    """Yield JSON objects from a JSONL file; a malformed line is reported by its number."""
+    for number, row in json_lines(path):
+        if isinstance(row, json.JSONDecodeError):
+            raise CfspError(f"{path}, line {number}: not valid JSON ({row.msg})")
+        if not isinstance(row, dict):
+            raise CfspError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+        yield row
 
 
 def named_file(

@@ -25,6 +25,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from cfsp.data import json_lines
 from cfsp.errors import CfspError
 
 SHARD_SUFFIXES = (".jsonl", ".txt", ".parquet")
@@ -89,20 +90,15 @@ class TextStream:
             log.warning("skipped %s: %s%s", where, why, more)
 
     def _jsonl_texts(self, path: Path) -> Iterator[str]:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    self._skip(f"{path}, line {number}", f"not valid JSON ({exc.msg})")
-                    continue
-                text = row.get("text") if isinstance(row, dict) else None
-                if not isinstance(text, str):
-                    self._skip(f"{path}, line {number}", "no string 'text' field")
-                    continue
-                yield text
+        for number, row in json_lines(path):
+            if isinstance(row, json.JSONDecodeError):
+                self._skip(f"{path}, line {number}", f"not valid JSON ({row.msg})")
+                continue
+            text = row.get("text") if isinstance(row, dict) else None
+            if not isinstance(text, str):
+                self._skip(f"{path}, line {number}", "no string 'text' field")
+                continue
+            yield text
 
     def _parquet_texts(self, path: Path) -> Iterator[str]:
         import pyarrow.parquet as pq
