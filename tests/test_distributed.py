@@ -68,9 +68,11 @@ def test_ddp_trains_as_one_process_with_the_same_global_batch(tmp_path, corpus):
     assert two["eval"] == pytest.approx(one["eval"], abs=1e-5) and len(one["eval"]) == 3
 
 
-def test_fsdp_with_a_sharded_teacher_trains_as_one_process(tmp_path, corpus):
-    """FSDP shards the student's blocks and the frozen teacher's: distillation equals the whole-model run."""
-    settings = dict(BASE, steps=3, batch_size=2, batch_tokens=128, objective="kd", train="mlp", lr=1e-3)
+@pytest.mark.parametrize("train", ["mlp", "lora"])
+def test_fsdp_with_a_sharded_teacher_trains_as_one_process(tmp_path, corpus, train):
+    """FSDP shards the student's blocks and the frozen teacher's: distillation equals the whole-model
+    run, and the weights gathered on rank 0 (LoRA: merged there) equal the one-process ones."""
+    settings = dict(BASE, steps=3, batch_size=2, batch_tokens=128, objective="kd", train=train, lr=1e-3)
     one = run_worker(tmp_path, "one", 1, corpus, **settings)
     two = run_worker(tmp_path, "fsdp", 2, corpus, fsdp=True, **settings)
     assert two["sharded"]

@@ -80,6 +80,7 @@ def recover(
     cluster = Cluster.start(resolve_device(device))
     # One reservation per job, not per process: rank 0 holds the output, the others never write.
     with ExitStack() as stack:
+        stack.callback(cluster.close)
         folder, error = None, None
         if cluster.main:
             try:

@@ -61,6 +61,14 @@ class Cluster:
             dist.init_process_group(backend="nccl" if cuda else "gloo")
         return cls(dist.get_rank(), dist.get_world_size(), where)
 
+    def close(self) -> None:
+        """Leave the process group (at the end of a command; the launcher's processes then exit)."""
+        if self.distributed:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
     def barrier(self) -> None:
         if self.distributed:
             import torch.distributed as dist
